@@ -1,0 +1,496 @@
+r"""torchdistill integration: ``AEKTLoss`` and ``DKDLoss`` selectable from a torchdistill yaml config.
+
+Importing this module (``dependencies: ['aekt_plugin.torchdistill']`` in the yaml, or a plain ``import``)
+registers, with torchdistill's own registries:
+
+* mid-level losses (:func:`torchdistill.losses.registry.register_mid_level_loss`)
+  ``AEKTLoss`` -- ``T²·(α·min(q_t/p_t, w_max)·TCKD + β·NCKD)`` -- and ``DKDLoss`` --
+  ``T²·(α·TCKD + β·NCKD)`` (SPEC §2), both on the fused, finite kernel of :mod:`aekt_plugin`;
+* a model (:func:`torchdistill.models.registry.register_model`) ``AEKTSerialStudent``, which puts the
+  serial layer ``S`` of SPEC §3 behind any student and exposes the distillation logits ``z_kd`` at the
+  module path ``kd_logits`` (so a forward hook can record them) while the model itself returns the
+  classification logits ``z_cls`` (where the cross-entropy term reads them);
+* a model ``aekt_demo_cnn`` (the small CNNs of :mod:`aekt_plugin.demo.models`), used by the small sample
+  config together with :func:`demo_dataset`.
+
+Unlike torchdistill's ``KDLoss``, the losses here contain **no cross-entropy**: ``alpha`` and ``beta`` are
+the TCKD and NCKD weights of DKD, and the cross-entropy is its own ``sub_terms`` entry of a
+``WeightedSumLoss``, as in the sample configs under ``aekt_plugin/configs/torchdistill/``::
+
+    dependencies:
+      - name: 'aekt_plugin.torchdistill'
+    ...
+      criterion:
+        key: 'WeightedSumLoss'
+        kwargs:
+          sub_terms:
+            ce:
+              criterion: {key: 'CrossEntropyLoss', kwargs: {reduction: 'mean'}}
+              criterion_wrapper:
+                key: 'SimpleLossWrapper'
+                kwargs:
+                  input: {is_from_teacher: False, module_path: '.', io: 'output'}
+                  target: {uses_label: True}
+              weight: 1.0
+            kd:
+              criterion:
+                key: 'AEKTLoss'
+                kwargs:
+                  student_module_path: '.'
+                  student_module_io: 'output'
+                  teacher_module_path: '.'
+                  teacher_module_io: 'output'
+                  temperature: 4.0
+                  beta: 8.0
+              weight: 1.0
+
+torchdistill is imported only by this module; ``import aekt_plugin`` does not import it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+import torch.utils.data
+from torch import Tensor, nn
+
+from ._validation import check_order
+from .functional import DEFAULTS, aekt_loss, dkd_loss
+from .serial import SerialLayer, split_logits, warmup_factor
+
+try:
+    from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss
+    from torchdistill.models.registry import MODEL_DICT, get_model, register_model
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "aekt_plugin.torchdistill needs torchdistill; install it with: pip install \"aekt-plugin[torchdistill]\""
+    ) from err
+
+__all__ = [
+    "AEKTLoss",
+    "AEKTSerialStudent",
+    "DKDLoss",
+    "LOSS_KEYS",
+    "MODEL_KEYS",
+    "demo_dataset",
+    "register",
+]
+
+_logger = logging.getLogger(__name__)
+
+_IO_TYPES = ("input", "output")
+_REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum", "none": "none"}
+
+
+def _check_module_path(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a module path string such as '.' or 'fc', got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{name} must not be empty; use '.' for the model's own output")
+    return value
+
+
+def _check_module_io(name: str, value: object) -> str:
+    if value not in _IO_TYPES:
+        raise ValueError(f"{name} must be one of {_IO_TYPES}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def _check_reduction(value: object) -> str:
+    if value not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {tuple(_REDUCTIONS)}, got {value!r}")
+    return _REDUCTIONS[value]  # type: ignore[index]
+
+
+def _check_warmup_steps(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"warmup_steps must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {value}")
+    return value
+
+
+def _read_logits(io_dict: Mapping[str, Any], side: str, path: str, io: str, loss_name: str) -> Tensor:
+    """``io_dict[path][io]`` with errors that name the yaml keys instead of a bare ``KeyError``."""
+    if not isinstance(io_dict, Mapping):
+        raise TypeError(f"{loss_name}: the {side} io dict must be a mapping, got {type(io_dict).__name__}")
+    if path not in io_dict:
+        recorded = sorted(str(k) for k in io_dict)
+        raise ValueError(
+            f"{loss_name}: {side}_module_path {path!r} is not in the {side}'s io dict (recorded paths: "
+            f"{recorded}); add {path!r} to train.{side}.forward_hook.{io} in the yaml, or use '.' for the "
+            f"model's own output"
+        )
+    module_io = io_dict[path]
+    if not isinstance(module_io, Mapping) or io not in module_io:
+        recorded = sorted(module_io) if isinstance(module_io, Mapping) else []
+        raise ValueError(
+            f"{loss_name}: {side}_module_io {io!r} was not recorded for {side}_module_path {path!r} "
+            f"(recorded: {recorded}); add {path!r} to train.{side}.forward_hook.{io} in the yaml"
+        )
+    value = module_io[io]
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"{loss_name}: {side}_module_path {path!r} ({io}) holds a {type(value).__name__}, not a logits "
+            f"tensor; for a model that returns a tuple or dict, hook its classifier module instead (e.g. "
+            f"{side}_module_path: 'fc' with 'fc' in train.{side}.forward_hook.output)"
+        )
+    return value
+
+
+class _IOLogitLoss(nn.Module):
+    """Shared part of the torchdistill losses: read logits from the io dicts, apply the warm-up factor."""
+
+    _loss_name = "loss"
+
+    def __init__(
+        self,
+        student_module_path: str,
+        student_module_io: str,
+        teacher_module_path: str,
+        teacher_module_io: str,
+        *,
+        reduction: str,
+        warmup_steps: int,
+        validate_args: bool,
+    ) -> None:
+        super().__init__()
+        self.student_module_path = _check_module_path("student_module_path", student_module_path)
+        self.student_module_io = _check_module_io("student_module_io", student_module_io)
+        self.teacher_module_path = _check_module_path("teacher_module_path", teacher_module_path)
+        self.teacher_module_io = _check_module_io("teacher_module_io", teacher_module_io)
+        self.reduction = _check_reduction(reduction)
+        self.warmup_steps = _check_warmup_steps(warmup_steps)
+        if not isinstance(validate_args, bool):
+            raise TypeError(f"validate_args must be a bool, got {type(validate_args).__name__}")
+        self.validate_args = validate_args
+        self.num_steps = 0
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _loss_fn(self) -> Callable[..., Tensor]:
+        raise NotImplementedError
+
+    def _check_options(self) -> None:
+        """Run the core's option checks once at construction, so a bad yaml value fails when the
+        distillation box is built, not at the first training step."""
+        logits = torch.zeros(1, 2)
+        self._loss_fn()(logits, logits, torch.zeros(1, dtype=torch.long), **self._loss_kwargs())
+
+    def warmup_factor(self) -> float:
+        """``min(steps / warmup_steps, 1)`` (``1`` when ``warmup_steps == 0``), steps counted from 0."""
+        return warmup_factor(self.num_steps, self.warmup_steps)
+
+    def forward(
+        self,
+        student_io_dict: Mapping[str, Any],
+        teacher_io_dict: Mapping[str, Any],
+        targets: Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Read ``z`` (student) and ``v`` (teacher) from the io dicts and return the loss on them.
+
+        Args:
+            student_io_dict: torchdistill's io dict of the student, ``{module_path: {'input'|'output': x}}``.
+            teacher_io_dict: the same for the teacher.
+            targets: class indices ``(B,)`` (or ``(B, C)`` probabilities: their argmax is the target class).
+        """
+        if targets is None:
+            raise ValueError(f"{self._loss_name} needs the targets (class labels); torchdistill passed None")
+        z = _read_logits(student_io_dict, "student", self.student_module_path, self.student_module_io,
+                         self._loss_name)
+        v = _read_logits(teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io,
+                         self._loss_name)
+        loss = self._loss_fn()(z, v, targets, **self._loss_kwargs())
+        if self.warmup_steps > 0:
+            factor = self.warmup_factor()
+            if torch.is_grad_enabled() and z.requires_grad:
+                self.num_steps += 1
+            loss = loss * factor
+        return loss
+
+
+class AEKTLoss(_IOLogitLoss):
+    r"""AEKT as a torchdistill mid-level loss (registered as ``AEKTLoss``).
+
+    Per sample, with ``z`` read from ``student_io_dict[student_module_path][student_module_io]`` and ``v``
+    from the teacher's io dict:
+
+    .. math::
+
+        L = T^2 \left( \alpha \cdot \min\!\left(\frac{q_t}{p_t}, w_{max}\right) \cdot \mathrm{TCKD}
+            + \beta \cdot \mathrm{NCKD} \right)
+
+    with the weight a stop-gradient constant (divided by its batch mean when ``normalize_weight``). The
+    arguments follow torchdistill's ``KDLoss``; defaults come from :data:`aekt_plugin.DEFAULTS`.
+
+    .. warning::
+        ``alpha`` is **not** ``KDLoss``'s cross-entropy weight: it scales TCKD. This loss contains no
+        cross-entropy; give the CE term its own ``sub_terms`` entry in ``WeightedSumLoss``.
+
+    Args:
+        student_module_path: module path of the student's distillation logits (``'.'``: the model output;
+            ``'kd_logits'`` with :class:`AEKTSerialStudent`; ``'fc'`` for a hooked classifier).
+        student_module_io: ``'input'`` or ``'output'`` of that module.
+        teacher_module_path: module path of the teacher's logits.
+        teacher_module_io: ``'input'`` or ``'output'`` of that module.
+        temperature: ``T > 0``.
+        alpha: ``α >= 0``, scale of the explicit (TCKD) term.
+        beta: ``β >= 0``, weight of the implicit (NCKD) term.
+        max_weight: ``w_max > 0`` bounding ``q_t/p_t``.
+        normalize_weight: divide the weight by its batch mean.
+        reduction: ``'mean'`` (alias ``'batchmean'``, as torchdistill's KD configs spell it), ``'sum'`` or
+            ``'none'``.
+        warmup_steps: linear warm-up ``min(step/warmup_steps, 1)`` over the first training steps (counted
+            as forward calls with gradients, from 0); ``0`` disables it. torchdistill's ``WeightedSumLoss``
+            weights are constants, so the warm-up lives here.
+        validate_args: passed to :func:`aekt_plugin.aekt_loss` (``False`` for AMP).
+    """
+
+    _loss_name = "AEKTLoss"
+
+    def __init__(
+        self,
+        student_module_path: str,
+        student_module_io: str,
+        teacher_module_path: str,
+        teacher_module_io: str,
+        temperature: float = DEFAULTS["temperature"],  # type: ignore[assignment]
+        alpha: float = DEFAULTS["alpha"],  # type: ignore[assignment]
+        beta: float = DEFAULTS["beta"],  # type: ignore[assignment]
+        max_weight: float = DEFAULTS["max_weight"],  # type: ignore[assignment]
+        normalize_weight: bool = DEFAULTS["normalize_weight"],  # type: ignore[assignment]
+        reduction: str = "mean",
+        warmup_steps: int = 0,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            student_module_path, student_module_io, teacher_module_path, teacher_module_io,
+            reduction=reduction, warmup_steps=warmup_steps, validate_args=validate_args,
+        )
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self.max_weight = max_weight
+        self.normalize_weight = normalize_weight
+        self._check_options()
+
+    def _loss_fn(self) -> Callable[..., Tensor]:
+        return aekt_loss
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
+            "max_weight": self.max_weight, "normalize_weight": self.normalize_weight,
+            "reduction": self.reduction, "validate_args": self.validate_args,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"student={self.student_module_path!r}:{self.student_module_io}, "
+            f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, T={self.temperature}, "
+            f"alpha={self.alpha}, beta={self.beta}, max_weight={self.max_weight}, "
+            f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
+            f"warmup_steps={self.warmup_steps}"
+        )
+
+
+class DKDLoss(_IOLogitLoss):
+    r"""Decoupled KD (Zhao et al., CVPR 2022) as a torchdistill mid-level loss (registered as ``DKDLoss``).
+
+    .. math:: L = T^2 \left( \alpha \cdot \mathrm{TCKD} + \beta \cdot \mathrm{NCKD} \right)
+
+    computed by :func:`aekt_plugin.dkd_loss` from log-sum-exps (finite where mdistiller's code is not).
+    Arguments as :class:`AEKTLoss` without ``max_weight``/``normalize_weight``; like it, no cross-entropy
+    is included.
+    """
+
+    _loss_name = "DKDLoss"
+
+    def __init__(
+        self,
+        student_module_path: str,
+        student_module_io: str,
+        teacher_module_path: str,
+        teacher_module_io: str,
+        temperature: float = DEFAULTS["temperature"],  # type: ignore[assignment]
+        alpha: float = DEFAULTS["alpha"],  # type: ignore[assignment]
+        beta: float = DEFAULTS["beta"],  # type: ignore[assignment]
+        reduction: str = "mean",
+        warmup_steps: int = 0,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            student_module_path, student_module_io, teacher_module_path, teacher_module_io,
+            reduction=reduction, warmup_steps=warmup_steps, validate_args=validate_args,
+        )
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self._check_options()
+
+    def _loss_fn(self) -> Callable[..., Tensor]:
+        return dkd_loss
+
+    def _loss_kwargs(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
+            "reduction": self.reduction, "validate_args": self.validate_args,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"student={self.student_module_path!r}:{self.student_module_io}, "
+            f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, T={self.temperature}, "
+            f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
+            f"warmup_steps={self.warmup_steps}"
+        )
+
+
+class AEKTSerialStudent(nn.Module):
+    r"""A student with the serial layer ``S`` of SPEC §3, for torchdistill (registered as
+    ``AEKTSerialStudent``).
+
+    ``forward(x)`` computes the head logits of ``model``, splits them with :class:`aekt_plugin.SerialLayer`
+    into ``(z_cls, z_kd)``, passes ``z_kd`` through the identity module ``kd_logits`` -- so that
+    ``train.student.forward_hook.output: ['kd_logits']`` records the distillation logits -- and returns
+    ``z_cls``, the classification logits (where the CE term and evaluation read them, path ``'.'``):
+
+    * ``order='cls_kd'``: ``z_cls = head``, ``z_kd = S(head)``; in eval mode ``S`` is skipped (zero
+      inference cost), so ``model`` alone is the deployable network;
+    * ``order='kd_cls'``: ``z_kd = head``, ``z_cls = S(head)``; ``S`` stays at inference.
+
+    Args:
+        model: the student (an ``nn.Module`` returning ``(B, C)`` logits), or its torchdistill model config
+            ``{key, kwargs, repo_or_dir}`` resolved with :func:`torchdistill.models.registry.get_model`.
+        num_classes: ``C``; read from ``model.num_classes`` when omitted.
+        order: ``'cls_kd'`` or ``'kd_cls'`` (``None`` disables the serial layer: ``z_cls = z_kd``).
+        residual: residual form ``z_kd = z_cls + S·z_cls`` with ``S`` initialised to zero.
+
+    Example (yaml)::
+
+        student_model:
+          key: 'AEKTSerialStudent'
+          kwargs:
+            model: {key: 'resnet20', kwargs: {num_classes: 100, pretrained: False}}
+            num_classes: 100
+            order: 'cls_kd'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Mapping[str, Any],
+        num_classes: int | None = None,
+        order: str | None = "cls_kd",
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        check_order(order)
+        if isinstance(model, Mapping):
+            if "key" not in model:
+                raise ValueError("model: a model config needs a 'key' naming a torchdistill model")
+            model = get_model(model["key"], model.get("repo_or_dir"), **(model.get("kwargs") or {}))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or a model config dict, got {type(model).__name__}")
+        if num_classes is None:
+            num_classes = getattr(model, "num_classes", None)
+            if num_classes is None:
+                raise ValueError("num_classes: not given and the model has no num_classes attribute")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        self.model = model
+        self.num_classes = num_classes
+        self.order = order
+        self.serial = None if order is None else SerialLayer(num_classes, order=order, residual=residual)
+        self.kd_logits = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        head = self.model(x)
+        if not isinstance(head, Tensor) or head.dim() < 2 or head.shape[1] != self.num_classes:
+            shape = tuple(head.shape) if isinstance(head, Tensor) else type(head).__name__
+            raise ValueError(
+                f"model must return (B, {self.num_classes}) logits, got {shape}; wrap a model whose forward "
+                f"returns a tuple so that it returns the logits"
+            )
+        if not self.training and self.order == "cls_kd":
+            return head
+        z_cls, z_kd = split_logits(head, self.serial)
+        self.kd_logits(z_kd)
+        return z_cls
+
+
+def demo_dataset(name: str = "digits", split: str = "train", **kwargs: Any) -> torch.utils.data.TensorDataset:
+    """One split of a demo data set (:func:`aekt_plugin.demo.data.load_dataset`) as an in-memory
+    ``TensorDataset`` of ``(image (1, H, W) float in [0, 1], label int64)``, for a torchdistill
+    ``datasets:`` entry (``!import_call`` with ``key: 'aekt_plugin.torchdistill.demo_dataset'``).
+
+    Args:
+        name: ``'digits'`` (scikit-learn, needs the ``demo`` extra), ``'fashion-mnist'`` or ``'fmnist100'``.
+        split: ``'train'``, ``'val'`` or ``'test'``.
+        kwargs: passed to the loader (``seed``, ``n_val``, ``n_test``, ...); use the same values for every
+            split of one run, so the splits do not overlap.
+    """
+    from .demo.data import load_dataset
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    splits = load_dataset(name, **kwargs)
+    x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
+    if x.shape[0] == 0:
+        raise ValueError(f"split {split!r} of {name!r} is empty (for 'val' pass n_val > 0)")
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _demo_cnn(preset: str, num_classes: int, in_chans: int = 1) -> nn.Module:
+    """torchdistill model factory for the demo CNNs (:func:`aekt_plugin.demo.models.make_model`)."""
+    from .demo.models import make_model
+
+    return make_model(preset, in_chans, num_classes)
+
+
+LOSS_KEYS: tuple[str, ...] = ("AEKTLoss", "DKDLoss")
+"""Keys under which :func:`register` puts the losses in torchdistill's mid-level loss registry."""
+MODEL_KEYS: tuple[str, ...] = ("AEKTSerialStudent", "aekt_demo_cnn")
+"""Keys under which :func:`register` puts the models in torchdistill's model registry."""
+
+
+def _same_object(a: object, b: object) -> bool:
+    """``a`` is ``b``, or the same class/function defined again (an ``importlib.reload`` of this module)."""
+    return a is b or (
+        getattr(a, "__module__", None) == getattr(b, "__module__", None) == __name__
+        and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+    )
+
+
+def _register_one(registry: dict[str, Any], register: Callable[..., Any], key: str, obj: Any) -> None:
+    current = registry.get(key)
+    if current is obj:
+        return
+    if current is not None and not _same_object(current, obj):
+        _logger.warning(
+            "torchdistill key %r was registered by %s.%s; aekt_plugin replaces it with %s.%s",
+            key, getattr(current, "__module__", "?"), getattr(current, "__qualname__", "?"),
+            obj.__module__, obj.__qualname__,
+        )
+    register(key=key)(obj)
+
+
+def register() -> None:
+    """Register :data:`LOSS_KEYS` and :data:`MODEL_KEYS` with torchdistill (done on import).
+
+    Idempotent: torchdistill's ``register_*`` decorators silently overwrite a key, so this checks first
+    and re-registers only what is missing or belongs to another object (with a warning when that object
+    is not ours).
+    """
+    _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "AEKTLoss", AEKTLoss)
+    _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "DKDLoss", DKDLoss)
+    _register_one(MODEL_DICT, register_model, "AEKTSerialStudent", AEKTSerialStudent)
+    _register_one(MODEL_DICT, register_model, "aekt_demo_cnn", _demo_cnn)
+
+
+register()
