@@ -1,0 +1,259 @@
+"""The kernel benchmark (`aekt bench`) and its baselines: oracles, saved-bytes accounting, JSON schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from aekt_plugin import bench
+from aekt_plugin._baselines import dkd_mdistiller, kd_plain
+
+# --------------------------------------------------------------------------------------------------------
+# Baselines against independent computations
+# --------------------------------------------------------------------------------------------------------
+
+
+def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax written out (no torch.softmax/log_softmax), float64."""
+    e = torch.exp(logits - logits.max(dim=1, keepdim=True).values)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_plain_is_temperature_squared_kl_of_teacher_to_student(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = 3 * torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    v = 3 * torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    p, q = _softmax_rows(z / temperature), _softmax_rows(v / temperature)
+    expected = temperature**2 * (q * (q.log() - p.log())).sum(dim=1).mean()
+    torch.testing.assert_close(kd_plain(z, v, temperature), expected, rtol=1e-12, atol=1e-12)
+
+
+def _dkd_by_hand(z: list[list[float]], v: list[list[float]], t: list[int], alpha: float, beta: float, T: float) -> float:
+    """DKD from SPEC §2 with plain Python floats: T²·mean(α·KL(b^T‖b^S) + β·KL(q̂‖p̂))."""
+    total = 0.0
+    for zs, vs, target in zip(z, v, t):
+        ez = [math.exp(x / T) for x in zs]
+        ev = [math.exp(x / T) for x in vs]
+        p = [e / sum(ez) for e in ez]
+        q = [e / sum(ev) for e in ev]
+        tckd = q[target] * math.log(q[target] / p[target]) + (1 - q[target]) * math.log(
+            (1 - q[target]) / (1 - p[target])
+        )
+        nckd = 0.0
+        for j in range(len(zs)):
+            if j != target:
+                p_hat, q_hat = p[j] / (1 - p[target]), q[j] / (1 - q[target])
+                nckd += q_hat * math.log(q_hat / p_hat)
+        total += T * T * (alpha * tckd + beta * nckd)
+    return total / len(z)
+
+
+def test_dkd_mdistiller_matches_a_hand_computation_on_a_tiny_example() -> None:
+    z = [[1.0, -0.5, 2.0, 0.3], [0.2, 0.1, -1.0, 1.5]]
+    v = [[2.5, 0.0, 1.0, -1.0], [-0.3, 0.8, 0.4, 2.0]]
+    t = [0, 3]
+    value = dkd_mdistiller(
+        torch.tensor(z, dtype=torch.float64),
+        torch.tensor(v, dtype=torch.float64),
+        torch.tensor(t),
+        alpha=0.7,
+        beta=3.0,
+        temperature=2.0,
+    )
+    assert value.item() == pytest.approx(_dkd_by_hand(z, v, t, 0.7, 3.0, 2.0), rel=1e-10)
+
+
+def test_dkd_mdistiller_gradient_is_the_closed_form_of_spec_section_2() -> None:
+    """∂L/∂z_t = T·α·(p_t - q_t), ∂L/∂z_j = T·[-α(p_t - q_t)·p̂_j + β(p̂_j - q̂_j)], divided by B."""
+    gen = torch.Generator().manual_seed(2)
+    B, C, T, alpha, beta = 5, 7, 3.0, 1.5, 4.0
+    z = torch.randn(B, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = 2 * torch.randn(B, C, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, C, (B,), generator=gen)
+    (grad,) = torch.autograd.grad(dkd_mdistiller(z, v, t, alpha=alpha, beta=beta, temperature=T), z)
+
+    p, q = _softmax_rows(z.detach() / T), _softmax_rows(v / T)
+    rows = torch.arange(B)
+    p_t, q_t = p[rows, t], q[rows, t]
+    p_hat, q_hat = p / (1 - p_t[:, None]), q / (1 - q_t[:, None])
+    gap = (alpha * (p_t - q_t))[:, None]
+    expected = T * (-gap * p_hat + beta * (p_hat - q_hat))
+    expected[rows, t] = T * gap[:, 0]
+    torch.testing.assert_close(grad, expected / B, rtol=1e-9, atol=1e-12)
+
+
+def test_dkd_mdistiller_gives_no_gradient_to_the_teacher_when_it_is_detached() -> None:
+    z = torch.randn(3, 5, requires_grad=True)
+    v = torch.randn(3, 5)
+    dkd_mdistiller(z, v, torch.tensor([0, 1, 4])).backward()
+    assert z.grad is not None and v.grad is None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Saved-for-backward accounting
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_saved_bytes_counts_each_save_and_deduplicates_storage() -> None:
+    x = torch.randn(4, 3, requires_grad=True)  # 48 bytes
+    # x * x saves both operands, which are the same input tensor.
+    saved = bench.count_saved_bytes(lambda t: (t * t).sum(), x)
+    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (2, 96, 48, 0)
+
+
+def test_saved_bytes_counts_a_new_result_tensor() -> None:
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # 96 bytes
+    saved = bench.count_saved_bytes(lambda t: t.exp().sum(), x)  # exp saves its result, a new tensor
+    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (1, 96, 96, 96)
+
+
+class _StashOnCtx(torch.autograd.Function):
+    """Hides a tensor from saved_tensors_hooks by storing it as a ctx attribute."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.stash = x * 2.0
+        return x.sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad * ctx.stash / 2.0
+
+
+def test_saved_bytes_finds_tensors_stashed_on_ctx() -> None:
+    x = torch.randn(5, 2, requires_grad=True)  # 40 bytes
+    saved = bench.count_saved_bytes(_StashOnCtx.apply, x)
+    assert (saved.saved_tensors, saved.ctx_attr_bytes) == (0, 40)
+
+
+def test_saved_bytes_rejects_an_output_without_graph() -> None:
+    with pytest.raises(ValueError, match="grad_fn"):
+        bench.count_saved_bytes(lambda t: t.detach().sum(), torch.randn(2, 2, requires_grad=True))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The benchmark itself: smoke run and JSON schema
+# --------------------------------------------------------------------------------------------------------
+
+_METHOD_KEYS = {
+    "median_s",
+    "p25_s",
+    "p75_s",
+    "min_s",
+    "calls_per_block",
+    "saved_tensors",
+    "saved_bytes",
+    "saved_bytes_unique",
+    "saved_bytes_new",
+    "ctx_attr_bytes",
+    "peak_memory_bytes",
+} | {f"ratio_{b}{s}" for b in bench.BASELINES for s in ("", "_p25", "_p75")}
+
+
+@pytest.fixture(scope="module")
+def small_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    out = tmp_path_factory.mktemp("bench")
+    parser = bench.add_bench_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        [
+            "--device=cpu",
+            "--shapes=16x10",
+            "--rounds=3",
+            "--warmup=1",
+            "--min-block-ms=0.5",
+            "--e2e-batch=8",
+            "--e2e-classes=10",
+            "--e2e-rounds=2",
+            "--quiet",
+            f"--json={out / 'r.json'}",
+            f"--markdown={out / 'r.md'}",
+        ]
+    )
+    threads_before = torch.get_num_threads()
+    assert bench.run_bench(args) == 0  # not --strict: a missed target is reported, not an error
+    assert torch.get_num_threads() == threads_before
+    return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
+
+
+def test_bench_json_states_environment_and_settings(small_result: tuple[dict, str]) -> None:
+    result, _ = small_result
+    assert result["schema"] == bench.SCHEMA
+    env = result["environment"]
+    assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] == 1
+    assert env["torch"] == torch.__version__
+    assert {"temperature", "alpha", "beta", "rounds", "aekt_defaults"} <= set(result["settings"])
+    assert isinstance(result["passed"], bool)
+
+
+def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(small_result: tuple[dict, str]) -> None:
+    result, _ = small_result
+    (entry,) = result["kernel"]
+    assert entry["shape"] == [16, 10] and entry["tier"] == "overhead"
+    assert set(entry["methods"]) == set(bench.KERNEL_METHODS)
+    for name, m in entry["methods"].items():
+        assert set(m) == _METHOD_KEYS, name
+        assert 0 < m["min_s"] <= m["median_s"] and m["p25_s"] <= m["p75_s"]
+        assert m["peak_memory_bytes"] is None  # CPU
+    for base in bench.BASELINES:
+        assert entry["methods"][base][f"ratio_{base}"] == 1.0
+    for m in entry["methods"].values():  # "new" leaves out the inputs' storages, never adds any
+        assert m["saved_bytes_new"] <= m["saved_bytes_unique"]
+    names = {c["name"] for c in entry["targets"]}
+    assert {"time / kd_plain", "time / dkd_mdistiller", "time / aekt_reference", "saved bytes / kd_plain"} <= names
+    assert all(isinstance(c["passed"], bool) and c["passed"] == (c["value"] <= c["limit"]) for c in entry["targets"])
+    for diffs in entry["agreement"].values():
+        assert diffs["loss_abs_diff"] < 1e-4 and diffs["grad_max_abs_diff"] < 1e-5
+
+
+def test_bench_json_has_the_end_to_end_overhead(small_result: tuple[dict, str]) -> None:
+    result, _ = small_result
+    e2e = result["end_to_end"]
+    assert e2e["image_shape"] == [1, 28, 28] and e2e["batch"] == 8 and e2e["num_classes"] == 10
+    assert set(e2e["methods"]) == set(bench.E2E_METHODS)
+    aekt = e2e["methods"]["aekt_fused"]
+    assert aekt["overhead_vs_kd_plain_percent"] == pytest.approx(100 * (aekt["ratio_kd_plain"] - 1))
+
+
+def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result: tuple[dict, str]) -> None:
+    _, table = small_result
+    assert "device: **cpu**" in table and "dtype **float32**" in table and "threads **1**" in table
+    for name in bench.KERNEL_METHODS:
+        assert f"`{name}`" in table
+    assert "End-to-end training step" in table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"methods": ["kd_plain", "fast_kd"]}, "methods"),
+        ({"shapes": [(0, 10)]}, "shapes"),
+        ({"threads": 0}, "threads"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_benchmark_rejects_bad_arguments_by_name(kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        bench.benchmark(e2e=False, rounds=1, **kwargs)
+
+
+def test_parse_shapes_reads_bxc_lists_and_names_the_option_on_error() -> None:
+    assert bench.parse_shapes("64x100, 512X1000") == [(64, 100), (512, 1000)]
+    with pytest.raises(ValueError, match="--shapes"):
+        bench.parse_shapes("64by100")
+
+
+def test_strict_mode_turns_a_missed_target_into_exit_status_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_benchmark(**_: object) -> dict:
+        return {"passed": False, "kernel": []}
+
+    monkeypatch.setattr(bench, "benchmark", fake_benchmark)
+    monkeypatch.setattr(bench, "to_markdown", lambda result: "")
+    parser = bench.add_bench_arguments(argparse.ArgumentParser())
+    assert bench.run_bench(parser.parse_args(["--quiet", "--strict"])) == 1
+    assert bench.run_bench(parser.parse_args(["--quiet"])) == 0
