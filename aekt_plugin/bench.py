@@ -29,8 +29,11 @@ Absolute times on a shared machine mean little, so every figure is a *ratio meas
   cancels slow drift better than a ratio of medians.
 
 On CPU the thread count is pinned (``torch.set_num_threads``, default 1, reported: with two threads on a
-two-core machine small ops become orders of magnitude slower). On CUDA each block is timed with CUDA
-events after a synchronisation, and the peak memory of one forward+backward is reported.
+two-core machine small ops become orders of magnitude slower) and blocks are timed, by default, in CPU
+time of the timing thread (``time.thread_time``; process CPU time with several threads), which other
+processes on a shared machine cannot inflate by taking the core away; ``--clock wall`` uses
+``time.perf_counter``. On CUDA each block is timed with CUDA events after a synchronisation, and the peak
+memory of one forward+backward is reported.
 
 Saved bytes
 -----------
@@ -292,7 +295,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_block(step: Callable[[], None], calls: int, device: torch.device) -> float:
+CLOCKS = ("cpu", "wall")
+"""``cpu``: CPU time of the timing thread (one thread) or of the process (several), immune to being
+descheduled by other processes on a shared machine; ``wall``: ``time.perf_counter``. CUDA uses events."""
+
+
+def _cpu_clock() -> Callable[[], float]:
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+def _time_block(step: Callable[[], None], calls: int, device: torch.device, clock: str = "cpu") -> float:
     """Seconds per call of ``calls`` back-to-back calls of ``step``."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -303,17 +315,20 @@ def _time_block(step: Callable[[], None], calls: int, device: torch.device) -> f
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0 / calls
-    begin = time.perf_counter()
+    now = _cpu_clock() if clock == "cpu" else time.perf_counter
+    begin = now()
     for _ in range(calls):
         step()
-    return (time.perf_counter() - begin) / calls
+    return (now() - begin) / calls
 
 
-def _calibrate(step: Callable[[], None], min_block_s: float, device: torch.device, max_calls: int = 10_000) -> int:
+def _calibrate(
+    step: Callable[[], None], min_block_s: float, device: torch.device, clock: str, max_calls: int = 10_000
+) -> int:
     """Number of calls making one block last at least ``min_block_s`` (at least 1)."""
     calls = 1
     while True:
-        per_call = _time_block(step, calls, device)
+        per_call = _time_block(step, calls, device, clock)
         if per_call * calls >= min_block_s or calls >= max_calls:
             return max(1, min(max_calls, math.ceil(min_block_s / max(per_call, 1e-9))))
         calls = min(max_calls, calls * 4)
@@ -344,6 +359,7 @@ def interleaved_timing(
     min_block_s: float,
     device: torch.device,
     seed: int = 0,
+    clock: str = "cpu",
     progress: bool = False,
     desc: str = "timing",
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
@@ -356,7 +372,7 @@ def interleaved_timing(
         for _ in range(warmup):
             step()
     _sync(device)
-    calls = {name: _calibrate(step, min_block_s, device) for name, step in steps.items()}
+    calls = {name: _calibrate(step, min_block_s, device, clock) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     order = list(steps)
     rng = random.Random(seed)
@@ -367,7 +383,7 @@ def interleaved_timing(
         for _ in _progress(range(rounds), desc=desc, total=rounds, enabled=progress):
             rng.shuffle(order)
             for name in order:
-                times[name].append(_time_block(steps[name], calls[name], device))
+                times[name].append(_time_block(steps[name], calls[name], device, clock))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -472,6 +488,7 @@ def kernel_benchmark(
     warmup: int = 5,
     min_block_s: float = 0.005,
     seed: int = 0,
+    clock: str = "cpu",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Time, paired ratios, saved bytes (and CUDA peak memory) of each method at each shape."""
@@ -495,6 +512,7 @@ def kernel_benchmark(
             min_block_s=min_block_s,
             device=device,
             seed=seed,
+            clock=clock,
             progress=progress,
             desc=f"kernel {batch}x{classes}",
         )
@@ -554,6 +572,7 @@ def end_to_end_benchmark(
     warmup: int = 3,
     min_block_s: float = 0.05,
     seed: int = 0,
+    clock: str = "cpu",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Seconds per training step (forward, ``CE + distillation``, backward, SGD step) with each loss.
@@ -597,6 +616,7 @@ def end_to_end_benchmark(
         min_block_s=min_block_s,
         device=device,
         seed=seed,
+        clock=clock,
         progress=progress,
         desc="end-to-end",
     )
@@ -672,6 +692,7 @@ def benchmark(
     warmup: int = 5,
     min_block_ms: float = 5.0,
     seed: int = 0,
+    clock: str = "cpu",
     e2e: bool = True,
     e2e_batch: int = 128,
     e2e_classes: int = 100,
@@ -701,6 +722,8 @@ def benchmark(
         raise ValueError(f"warmup and min_block_ms must be >= 0, got {warmup}, {min_block_ms}")
     if e2e_classes < 2:
         raise ValueError(f"e2e_classes must be >= 2, got {e2e_classes}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(int(threads))
@@ -719,6 +742,7 @@ def benchmark(
                 "warmup": warmup,
                 "min_block_ms": min_block_ms,
                 "seed": seed,
+                "clock": _clock_name(device, clock),
                 "timing": "forward+backward w.r.t. student logits; median over interleaved rounds; "
                 "ratios are medians of per-round paired ratios",
             },
@@ -734,6 +758,7 @@ def benchmark(
                 warmup=warmup,
                 min_block_s=min_block_ms / 1000.0,
                 seed=seed,
+                clock=clock,
                 progress=progress,
             ),
             "end_to_end": None,
@@ -750,6 +775,7 @@ def benchmark(
                 beta=beta,
                 rounds=e2e_rounds,
                 seed=seed,
+                clock=clock,
                 progress=progress,
             )
     finally:
@@ -763,6 +789,14 @@ def benchmark(
     )
     result["passed"] = bool(checks) and all(c["passed"] for c in checks)
     return result
+
+
+def _clock_name(device: torch.device, clock: str) -> str:
+    if device.type == "cuda":
+        return "cuda events"
+    if clock == "wall":
+        return "wall (time.perf_counter)"
+    return "thread CPU time (time.thread_time)" if torch.get_num_threads() == 1 else "process CPU time"
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -838,7 +872,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"aekt-plugin {env.get('aekt_plugin')}, {env['timestamp']}",
         f"- loss settings: T={settings['temperature']}, α={settings['alpha']}, β={settings['beta']}, "
         f"AEKT {settings['aekt_defaults']}",
-        f"- timing: {settings['timing']}; {settings['rounds']} rounds, blocks ≥ {settings['min_block_ms']} ms. "
+        f"- timing: {settings['timing']}; clock: {settings['clock']}; {settings['rounds']} rounds, "
+        f"blocks ≥ {settings['min_block_ms']} ms. "
         "Ratios show median (interquartile range) of the paired per-round ratios.",
         f"- saved = unique storages autograd keeps for backward (+ tensors stored on `ctx`); "
         "`new` excludes the inputs themselves.",
@@ -914,6 +949,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--warmup", type=int, default=5, help="warm-up calls per method (default 5)")
     parser.add_argument("--min-block-ms", type=float, default=5.0, help="minimum length of a timed block (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the shuffled order")
+    parser.add_argument(
+        "--clock",
+        default="cpu",
+        choices=CLOCKS,
+        help="CPU timer: cpu = CPU time of the timing thread, unaffected by other processes taking the core "
+        "(default); wall = time.perf_counter. CUDA always uses events",
+    )
     parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
     parser.add_argument("--e2e-batch", type=int, default=128, help="images per training step (default 128)")
     parser.add_argument("--e2e-classes", type=int, default=100, help="classes of the CNN head (default 100)")
@@ -943,6 +985,7 @@ def run_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         min_block_ms=args.min_block_ms,
         seed=args.seed,
+        clock=args.clock,
         e2e=args.e2e,
         e2e_batch=args.e2e_batch,
         e2e_classes=args.e2e_classes,

@@ -186,7 +186,8 @@ def test_bench_json_states_environment_and_settings(small_result: tuple[dict, st
     env = result["environment"]
     assert env["device"] == "cpu" and env["dtype"] == "float32" and env["threads"] == 1
     assert env["torch"] == torch.__version__
-    assert {"temperature", "alpha", "beta", "rounds", "aekt_defaults"} <= set(result["settings"])
+    assert {"temperature", "alpha", "beta", "rounds", "aekt_defaults", "clock"} <= set(result["settings"])
+    assert result["settings"]["clock"].startswith("thread CPU time")  # the default clock at one thread
     assert isinstance(result["passed"], bool)
 
 
@@ -235,6 +236,7 @@ def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result
         ({"threads": 0}, "threads"),
         ({"dtype": "int8"}, "dtype"),
         ({"device": "tpu"}, "device"),
+        ({"clock": "sundial"}, "clock"),
     ],
 )
 def test_benchmark_rejects_bad_arguments_by_name(kwargs: dict, argument: str) -> None:
