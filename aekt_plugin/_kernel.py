@@ -24,7 +24,7 @@ Everything is computed from log-sum-exps. With ``m = max_{k≠t} z_k/T`` and
 * ``NCKD = Σ_{j≠t} q̂_j ((v_j - z_j)/T - m_v + m_z) - log s_v + log s_z``           (N3)
 
 so ``p_t`` may underflow to 0 or round to 1 without producing ``inf``. The gradient is formed during the
-forward pass and saved (one ``B×C`` tensor plus ``O(B)``), so backward is a single multiplication by the
+forward pass and saved (one ``B×C`` tensor, nothing else), so backward is a single multiplication by the
 incoming gradient. Double backward is not supported.
 """
 
@@ -38,7 +38,7 @@ from torch import Tensor
 
 
 class TargetStats(NamedTuple):
-    """Log-space target/non-target statistics of one batch, each of shape ``(B, 1)``."""
+    """Log-space target/non-target statistics of one batch, each a column of shape ``(B, 1)``."""
 
     log_p_t: Tensor
     log_1m_p_t: Tensor
@@ -48,32 +48,6 @@ class TargetStats(NamedTuple):
 
 WeightRule = Callable[[TargetStats], "tuple[Tensor | float, Tensor | float]"]
 """Maps the target statistics of a batch to the per-sample weights ``(a, b)`` of (D1)."""
-
-
-def _scaled_copy(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
-    """``logits / T`` in ``dtype``, always a fresh tensor (the caller's logits are never written)."""
-    if logits.dtype == dtype:
-        return torch.div(logits, temperature)
-    return logits.to(dtype).div_(temperature)
-
-
-def _shift_by_non_target_max(scaled: Tensor, index: Tensor) -> Tensor:
-    """Subtract ``m = max_{k≠t}`` from every entry in place; the target entry becomes 0, not ``-inf``.
-
-    Keeping every entry finite lets (N3) run over whole rows without a mask. Returns ``m``, ``(B, 1)``.
-    """
-    scaled.scatter_(1, index, float("-inf"))
-    non_target_max = scaled.amax(dim=1, keepdim=True)
-    scaled.scatter_(1, index, non_target_max)
-    scaled.sub_(non_target_max)
-    return non_target_max
-
-
-def _non_target_exp(shifted: Tensor, index: Tensor, *, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``exp`` of the shifted logits with the target entry zeroed, and its row sum ``s >= 1``."""
-    exps = torch.exp(shifted, out=out) if out is not None else torch.exp(shifted)
-    exps.scatter_(1, index, 0.0)
-    return exps, exps.sum(dim=1, keepdim=True)
 
 
 def decoupled_forward(
@@ -91,44 +65,55 @@ def decoupled_forward(
     ``float32`` (or ``float64`` for double inputs); the gradient in the student's dtype.
     """
     compute_dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
-    index = target.unsqueeze(1)
-    z = _scaled_copy(student_logits, compute_dtype, temperature)
-    v = _scaled_copy(teacher_logits, compute_dtype, temperature)
-    z_t = z.gather(1, index)
-    v_t = v.gather(1, index)
-    m_z = _shift_by_non_target_max(z, index)
-    m_v = _shift_by_non_target_max(v, index)
+    num_samples, num_classes = student_logits.shape
+    # Student (index 0) and teacher (index 1) share one buffer, so each row operation below runs once for
+    # both, which matters for small batches where the cost is per operation. The caller's logits are only read.
+    scaled = torch.empty((2, num_samples, num_classes), dtype=compute_dtype, device=student_logits.device)
+    scaled_z, scaled_v = scaled.unbind(0)
+    torch.div(student_logits, temperature, out=scaled_z)
+    torch.div(teacher_logits, temperature, out=scaled_v)
+    index = target.view(1, num_samples, 1).expand(2, num_samples, 1)
+    logit_t = scaled.gather(2, index)
+    # Shift by the non-target maximum m. The target entry is set to m first, so it becomes exactly 0:
+    # every entry stays finite (N3 needs no mask) and exp gives exactly 1 there.
+    scaled.scatter_(2, index, float("-inf"))
+    non_target_max = scaled.amax(dim=2, keepdim=True)
+    scaled.scatter_(2, index, non_target_max)
+    scaled.sub_(non_target_max)
 
-    teacher_exps, s_v = _non_target_exp(v, index)
-    shifted_gap = v.sub_(z)  # (v_j - z_j)/T - m_v + m_z, finite in every entry
-    cross = torch.bmm(teacher_exps.unsqueeze(1), shifted_gap.unsqueeze(2)).view(-1, 1)
-    student_exps, s_z = _non_target_exp(z, index, out=z)
+    teacher_exps = torch.exp(scaled_v)
+    shifted_gap = scaled_v.sub_(scaled_z)  # (v_j - z_j)/T - m_v + m_z, 0 at the target
+    cross = torch.bmm(teacher_exps.unsqueeze(1), shifted_gap.unsqueeze(2)).view(num_samples, 1)
+    student_exps = scaled_z.exp_()
+    # s = Σ_{k≠t} exp(·) >= 1; the row sums also hold the target's exp(0) = 1.
+    non_target_sum = torch.stack((student_exps.sum(dim=1, keepdim=True), teacher_exps.sum(dim=1, keepdim=True)))
+    non_target_sum.sub_(1.0)
+    log_s = non_target_sum.log()
+    lse_non_target = non_target_max.add_(log_s)  # (N1)
+    # (N2): the binary log-distributions [log p_t, log(1 - p_t)] (index 0) and [log q_t, log(1 - q_t)] (1).
+    log_binary = torch.cat((logit_t, lse_non_target), dim=2)
+    log_binary.sub_(torch.logaddexp(lse_non_target, logit_t))
+    binary = log_binary.exp()
+    log_b_s, log_b_t = log_binary.unbind(0)
+    stats = TargetStats(log_b_s[:, :1], log_b_s[:, 1:], log_b_t[:, :1], log_b_t[:, 1:])
 
-    log_s_z, log_s_v = s_z.log(), s_v.log()
-    lse_non_target_z, lse_non_target_v = m_z + log_s_z, m_v + log_s_v  # (N1)
-    lse_z = torch.logaddexp(lse_non_target_z, z_t)
-    lse_v = torch.logaddexp(lse_non_target_v, v_t)
-    stats = TargetStats(
-        log_p_t=z_t - lse_z,
-        log_1m_p_t=lse_non_target_z - lse_z,
-        log_q_t=v_t - lse_v,
-        log_1m_q_t=lse_non_target_v - lse_v,
-    )  # (N2)
-
-    q_t, one_minus_q_t = stats.log_q_t.exp(), stats.log_1m_q_t.exp()
-    tckd = q_t * (stats.log_q_t - stats.log_p_t) + one_minus_q_t * (stats.log_1m_q_t - stats.log_1m_p_t)
-    nckd = cross / s_v + log_s_z - log_s_v  # (N3)
+    tckd = (binary[1] * (log_b_t - log_b_s)).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
+    log_s_z, log_s_v = log_s.unbind(0)
+    s_z, s_v = non_target_sum.unbind(0)
+    nckd = cross.div_(s_v).add_(log_s_z).sub_(log_s_v)  # (N3)
     a, b = weight_rule(stats)
-    loss = (temperature**2) * (a * tckd + b * nckd)
-
+    loss = (a * tckd + b * nckd).mul_(temperature**2).view(-1)
     if grad_scale is None:
-        return loss.view(-1), None
+        return loss, None
+
     scale = grad_scale * temperature
-    target_gap = a * (stats.log_p_t.exp() - q_t)
-    grad = student_exps.mul_(scale * (b - target_gap) / s_z)  # (G2), first term: p̂_j = exps_j / s_z
-    grad.addcmul_(teacher_exps, -scale * b / s_v)  # (G2), second term: q̂_j = exps_j / s_v
-    grad.scatter_(1, index, scale * target_gap)  # (G1)
-    return loss.view(-1), grad.to(student_logits.dtype)
+    target_gap = a * (binary[0, :, :1] - binary[1, :, :1])  # a (p_t - q_t)
+    # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j] with p̂_j = exps_j / s_z, q̂_j = exps_j / s_v, built in the
+    # teacher's buffer so that the saved gradient owns exactly one B×C storage.
+    grad = teacher_exps.mul_(s_v.reciprocal().mul_(-scale * b))
+    grad.addcmul_(student_exps, (b - target_gap).div_(s_z).mul_(scale))
+    grad.scatter_(1, target.view(-1, 1), target_gap.mul_(scale))  # (G1)
+    return loss, grad.to(student_logits.dtype)
 
 
 class DecoupledKDFunction(torch.autograd.Function):

@@ -137,6 +137,13 @@ class Rows(NamedTuple):
     temperature: float
 
 
+def _as_rows(logits: Tensor) -> Tensor:
+    """``(N, C, d1, ...)`` to ``(N·d1·..., C)``; ``(B, C)`` is returned as it is."""
+    if logits.dim() == 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+
+
 def prepare_rows(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -161,10 +168,9 @@ def prepare_rows(
         classes = target_classes(target, student_logits)
     if validate_args:
         check_values(student_logits, teacher_logits, target)
-    num_classes = student_logits.shape[1]
     return Rows(
-        student=student_logits.movedim(1, -1).reshape(-1, num_classes),
-        teacher=teacher_logits.detach().movedim(1, -1).reshape(-1, num_classes),
+        student=_as_rows(student_logits),
+        teacher=_as_rows(teacher_logits.detach()),
         classes=classes.reshape(-1),
         sample_shape=sample_shape,
         temperature=temperature,

@@ -116,7 +116,7 @@ def aekt_weight(parts: Decomposition, *, max_weight: float, normalize_weight: bo
     """``min(q_t / p_t, w_max)``, divided by its batch mean when ``normalize_weight``; no gradient."""
     ratio = torch.exp(parts.log_q_t - parts.log_p_t).clamp(max=max_weight)
     if normalize_weight:
-        ratio = ratio / ratio.mean()
+        ratio = ratio / ratio.mean().clamp_min(torch.finfo(ratio.dtype).tiny)  # all-zero batch: weight 0
     return ratio.detach()
 
 
