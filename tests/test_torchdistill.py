@@ -1,0 +1,447 @@
+"""aekt_plugin.torchdistill against the real torchdistill: registry, yaml, io dicts, serial layer, a run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+
+pytest.importorskip("torchdistill")
+
+import yaml  # noqa: E402  (torchdistill's dependency)
+from torchdistill.common import yaml_util  # noqa: E402
+from torchdistill.common.main_util import import_dependencies, set_seed  # noqa: E402
+from torchdistill.core.distillation import get_distillation_box  # noqa: E402
+from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, get_high_level_loss, get_mid_level_loss  # noqa: E402
+from torchdistill.models.registry import MODEL_DICT, get_model  # noqa: E402
+
+import aekt_plugin  # noqa: E402
+from aekt_plugin import aekt_loss, dkd_loss  # noqa: E402
+from aekt_plugin import torchdistill as td  # noqa: E402
+
+CONFIG_DIR = files("aekt_plugin") / "configs" / "torchdistill"
+CIFAR_CONFIGS = (
+    "wide_resnet40_1_from_wide_resnet40_4-aekt.yaml",
+    "wide_resnet40_1_from_wide_resnet40_4-aekt_serial.yaml",
+)
+
+CRITERION_YAML = """
+dependencies:
+  - name: 'aekt_plugin.torchdistill'
+criterion:
+  key: 'WeightedSumLoss'
+  kwargs:
+    sub_terms:
+      ce:
+        criterion:
+          key: 'CrossEntropyLoss'
+          kwargs:
+            reduction: 'mean'
+        criterion_wrapper:
+          key: 'SimpleLossWrapper'
+          kwargs:
+            input: {{is_from_teacher: False, module_path: '.', io: 'output'}}
+            target: {{uses_label: True}}
+        weight: 1.0
+      kd:
+        criterion:
+          key: '{key}'
+          kwargs:
+            student_module_path: 'fc'
+            student_module_io: 'output'
+            teacher_module_path: '.'
+            teacher_module_io: 'output'
+{extra}
+        weight: {weight}
+"""
+
+OPTIONS = {
+    "AEKTLoss": {"temperature": 2.0, "alpha": 0.5, "beta": 3.0, "max_weight": 3.0, "normalize_weight": False},
+    "DKDLoss": {"temperature": 2.0, "alpha": 0.5, "beta": 3.0},
+}
+CORE = {"AEKTLoss": aekt_loss, "DKDLoss": dkd_loss}
+
+
+def _criterion_from_yaml(tmp_path: Path, key: str, options: dict, weight: float = 0.7):
+    extra = "\n".join(f"            {k}: {v}" for k, v in options.items())
+    path = tmp_path / "criterion.yaml"
+    path.write_text(CRITERION_YAML.format(key=key, extra=extra, weight=weight))
+    config = yaml_util.load_yaml_file(str(path))
+    import_dependencies(config.get("dependencies"))
+    return get_high_level_loss(config["criterion"])
+
+
+def _logits(batch: int = 16, classes: int = 10, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    z = (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+    v = (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+    y = torch.randint(classes, (batch,), generator=gen)
+    return z, v, y
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+
+def test_import_aekt_plugin_does_not_import_torchdistill():
+    code = "import sys, aekt_plugin; assert 'torchdistill' not in sys.modules, 'torchdistill imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_registers_losses_and_models_with_torchdistill():
+    assert MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] is td.AEKTLoss
+    assert MIDDLE_LEVEL_LOSS_DICT["DKDLoss"] is td.DKDLoss
+    assert MODEL_DICT["AEKTSerialStudent"] is td.AEKTSerialStudent
+    assert callable(MODEL_DICT["aekt_demo_cnn"])
+    # torchdistill's own losses keep their keys: ours are named apart from its KDLoss
+    assert MIDDLE_LEVEL_LOSS_DICT["KDLoss"] is not td.AEKTLoss
+
+
+def test_registering_twice_is_harmless(caplog):
+    before = dict(MIDDLE_LEVEL_LOSS_DICT), dict(MODEL_DICT)
+    with caplog.at_level(logging.WARNING):
+        td.register()
+        td.register()
+        import_dependencies(["aekt_plugin.torchdistill", {"name": "aekt_plugin.torchdistill"}])
+    assert (dict(MIDDLE_LEVEL_LOSS_DICT), dict(MODEL_DICT)) == before
+    assert not [r for r in caplog.records if r.name == td.__name__]
+
+
+def test_foreign_registration_under_our_key_is_replaced_with_a_warning(caplog):
+    class Impostor(nn.Module):
+        pass
+
+    MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] = Impostor
+    try:
+        with caplog.at_level(logging.WARNING, logger=td.__name__):
+            td.register()
+    finally:
+        MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] = td.AEKTLoss
+    assert "AEKTLoss" in caplog.text and "Impostor" in caplog.text
+
+
+def test_importing_twice_in_a_fresh_interpreter_keeps_one_registration():
+    code = (
+        "import importlib, torchdistill.losses.registry as r\n"
+        "import aekt_plugin.torchdistill as a\n"
+        "first = r.MIDDLE_LEVEL_LOSS_DICT['AEKTLoss']\n"
+        "importlib.reload(a)\n"
+        "assert r.MIDDLE_LEVEL_LOSS_DICT['AEKTLoss'] is a.AEKTLoss\n"
+        "assert first.__qualname__ == a.AEKTLoss.__qualname__\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "replaces it" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------- values and gradients
+
+
+@pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
+def test_loss_from_yaml_in_weighted_sum_equals_core_plus_ce(tmp_path, key):
+    criterion = _criterion_from_yaml(tmp_path, key, OPTIONS[key], weight=0.7)
+    z, v, y = _logits()
+    out = torch.randn(16, 10)
+    io = {
+        "student": {".": {"output": out}, "fc": {"output": z}},
+        "teacher": {".": {"output": v}},
+    }
+    total = criterion(io, {}, y)
+    expected = nn.functional.cross_entropy(out, y) + 0.7 * CORE[key](z, v, y, **OPTIONS[key])
+    torch.testing.assert_close(total, expected)
+    kd_term = criterion.term_dict["kd"][0]
+    assert isinstance(kd_term, td.AEKTLoss if key == "AEKTLoss" else td.DKDLoss)
+    torch.testing.assert_close(kd_term(io["student"], io["teacher"], y), CORE[key](z, v, y, **OPTIONS[key]))
+
+
+@pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
+def test_gradients_reach_the_student_logits_only(tmp_path, key):
+    criterion = _criterion_from_yaml(tmp_path, key, OPTIONS[key])
+    z, v, y = _logits(seed=1)
+    io = {"student": {".": {"output": z}, "fc": {"output": z}}, "teacher": {".": {"output": v}}}
+    criterion(io, {}, y).backward()
+    assert v.grad is None
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
+def test_defaults_come_from_the_package_defaults(key):
+    loss = td.AEKTLoss(".", "output", ".", "output") if key == "AEKTLoss" else td.DKDLoss(".", "output", ".", "output")
+    for name in ("temperature", "alpha", "beta") + (("max_weight", "normalize_weight") if key == "AEKTLoss" else ()):
+        assert getattr(loss, name) == aekt_plugin.DEFAULTS[name]
+    z, v, y = _logits(seed=2)
+    io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
+    torch.testing.assert_close(loss(io_s, io_t, y), CORE[key](z, v, y))
+
+
+def test_batchmean_is_the_per_sample_mean_and_none_keeps_samples():
+    z, v, y = _logits(seed=3)
+    io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
+    per_sample = td.AEKTLoss(".", "output", ".", "output", reduction="none")(io_s, io_t, y)
+    assert per_sample.shape == (16,)
+    batchmean = td.AEKTLoss(".", "output", ".", "output", reduction="batchmean")(io_s, io_t, y)
+    torch.testing.assert_close(batchmean, aekt_loss(z, v, y, reduction="mean"))
+
+
+def test_input_io_reads_the_hooked_module_input():
+    z, v, y = _logits(seed=4)
+    loss = td.DKDLoss("head", "input", "head", "input")
+    value = loss({"head": {"input": z, "output": None}}, {"head": {"input": v}}, y)
+    torch.testing.assert_close(value, dkd_loss(z, v, y))
+
+
+def test_warmup_is_linear_from_zero_over_gradient_steps():
+    z, v, y = _logits(seed=5)
+    io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
+    loss = td.AEKTLoss(".", "output", ".", "output", warmup_steps=4)
+    full = aekt_loss(z, v, y).detach()
+    with torch.no_grad():  # evaluation passes do not advance the warm-up
+        loss(io_s, io_t, y)
+    values = [loss(io_s, io_t, y).detach() for _ in range(6)]
+    for step, value in enumerate(values):
+        torch.testing.assert_close(value, full * min(step / 4, 1.0))
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+
+
+def test_missing_student_module_path_names_the_path():
+    z, v, y = _logits()
+    loss = td.AEKTLoss("fc", "output", ".", "output")
+    with pytest.raises(ValueError, match=r"student_module_path 'fc'.*forward_hook"):
+        loss({".": {"output": z}}, {".": {"output": v}}, y)
+
+
+def test_missing_teacher_module_path_names_the_path():
+    z, v, y = _logits()
+    loss = td.DKDLoss(".", "output", "classifier", "output")
+    with pytest.raises(ValueError, match=r"teacher_module_path 'classifier'"):
+        loss({".": {"output": z}}, {".": {"output": v}}, y)
+
+
+def test_missing_io_key_names_the_io_and_the_path():
+    z, v, y = _logits()
+    loss = td.AEKTLoss("fc", "input", ".", "output")
+    with pytest.raises(ValueError, match=r"student_module_io 'input'.*'fc'") as info:
+        loss({"fc": {"output": z}}, {".": {"output": v}}, y)
+    assert not isinstance(info.value, KeyError)
+
+
+def test_tuple_output_asks_for_a_classifier_hook():
+    z, v, y = _logits()
+    loss = td.AEKTLoss(".", "output", ".", "output")
+    with pytest.raises(TypeError, match=r"tuple.*hook its classifier"):
+        loss({".": {"output": (z, z)}}, {".": {"output": v}}, y)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"student_module_io": "outputs"}, ValueError, "student_module_io"),
+        ({"teacher_module_path": ""}, ValueError, "teacher_module_path"),
+        ({"student_module_path": 3}, TypeError, "student_module_path"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"beta": -1.0}, ValueError, "beta"),
+        ({"max_weight": 0.0}, ValueError, "max_weight"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+        ({"temprature": 4.0}, TypeError, "temprature"),
+    ],
+)
+def test_bad_constructor_values_fail_when_the_box_is_built_naming_the_key(kwargs, error, name):
+    config = {"student_module_path": ".", "student_module_io": "output",
+              "teacher_module_path": ".", "teacher_module_io": "output", **kwargs}
+    with pytest.raises(error, match=name):
+        get_mid_level_loss({"key": "AEKTLoss", "kwargs": config})
+
+
+def test_missing_constructor_path_names_the_argument():
+    with pytest.raises(TypeError, match="teacher_module_path"):
+        get_mid_level_loss({"key": "DKDLoss", "kwargs": {"student_module_path": ".", "student_module_io": "output",
+                                                         "teacher_module_io": "output"}})
+
+
+# ---------------------------------------------------------------------------------------- serial layer
+
+
+class _Head(nn.Module):
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.num_classes = classes
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("order", ["cls_kd", "kd_cls"])
+def test_serial_student_returns_z_cls_and_exposes_z_kd_at_kd_logits(order):
+    torch.manual_seed(0)
+    student = td.AEKTSerialStudent(_Head(), order=order)
+    assert isinstance(student.serial, aekt_plugin.SerialLayer) and student.serial.order == order
+    with torch.no_grad():  # move S away from its identity initialisation so z_cls and z_kd differ
+        for p in student.serial.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    recorded = {}
+    student.kd_logits.register_forward_hook(lambda m, i, o: recorded.__setitem__("z_kd", o))
+    x = torch.randn(3, 4)
+    z_cls = student(x)
+    head = student.model(x)
+    expected_cls, expected_kd = aekt_plugin.split_logits(head, student.serial)
+    torch.testing.assert_close(z_cls, expected_cls)
+    torch.testing.assert_close(recorded["z_kd"], expected_kd)
+    assert not torch.allclose(z_cls, recorded["z_kd"])
+
+
+def test_serial_student_cls_kd_drops_the_serial_layer_in_eval_mode():
+    student = td.AEKTSerialStudent(_Head(), order="cls_kd").eval()
+    calls = []
+    student.serial.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(student(x), student.model(x))
+    assert calls == []
+
+
+def test_serial_student_builds_the_base_model_from_a_torchdistill_config():
+    student = get_model("AEKTSerialStudent", model={"key": "resnet20", "kwargs": {"num_classes": 7}},
+                        num_classes=7, order="kd_cls")
+    assert student(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert student.serial.order == "kd_cls"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"order": "sideways"}, ValueError, "order"),
+        ({"num_classes": 1}, ValueError, "num_classes"),
+        ({"model": {"kwargs": {}}}, ValueError, "key"),
+        ({"model": "resnet20"}, TypeError, "model"),
+    ],
+)
+def test_serial_student_bad_arguments_name_the_argument(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        td.AEKTSerialStudent(**{"model": _Head(), **kwargs})
+
+
+def test_serial_student_without_num_classes_attribute_asks_for_it():
+    with pytest.raises(ValueError, match="num_classes"):
+        td.AEKTSerialStudent(nn.Linear(4, 5))
+
+
+def test_serial_student_rejects_a_model_that_returns_a_tuple():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    with pytest.raises(ValueError, match="logits"):
+        td.AEKTSerialStudent(Pair(), num_classes=4)(torch.randn(2, 4))
+
+
+# -------------------------------------------------------------------------------------- shipped configs
+
+
+def _offline_config(path: Path) -> dict:
+    """A torchdistill yaml with ``!import_call`` left as its config dict (no dataset downloads)."""
+
+    class Loader(yaml.FullLoader):
+        pass
+
+    Loader.add_constructor("!join", lambda loader, node: "".join(str(x) for x in loader.construct_sequence(node)))
+    Loader.add_constructor("!import_get", yaml_util.yaml_import_get)
+    Loader.add_constructor("!import_call", lambda loader, node: loader.construct_mapping(node, deep=True))
+    with open(path) as fh:
+        return yaml.load(fh, Loader=Loader)
+
+
+def test_shipped_configs_are_package_data():
+    names = {p.name for p in CONFIG_DIR.iterdir()}
+    assert set(CIFAR_CONFIGS) | {"digits_aekt_serial.yaml"} <= names
+
+
+@pytest.mark.parametrize("name", CIFAR_CONFIGS)
+def test_cifar100_config_builds_and_takes_a_step_through_the_distillation_box(name):
+    config = _offline_config(CONFIG_DIR / name)
+    import_dependencies(config["dependencies"])
+    models = config["models"]
+    teacher_kwargs = {**models["teacher_model"]["kwargs"], "pretrained": False}  # no download here
+    teacher = get_model(models["teacher_model"]["key"], **teacher_kwargs)
+    student = get_model(models["student_model"]["key"], **models["student_model"]["kwargs"])
+    train = copy.deepcopy(config["train"])
+    for loader in ("train_data_loader", "val_data_loader"):
+        train[loader]["kwargs"].update(batch_size=4, num_workers=0, pin_memory=False)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(100, (8,)))
+    datasets = {key: data for key in config["datasets"]}
+    box = get_distillation_box(teacher, student, datasets, train, torch.device("cpu"), None, False, 1)
+    kd = box.criterion.term_dict["kd"][0]
+    assert isinstance(kd, td.AEKTLoss) and kd.warmup_steps > 0
+    box.pre_epoch_process(epoch=0)
+    x, y, supp = next(iter(box.train_data_loader))
+    loss = box.forward_process(x, y, supp)
+    # first step of the warm-up: the AEKT term is 0, the loss is the student's cross-entropy
+    assert torch.isfinite(loss) and 3.0 < loss.item() < 7.0
+    box.post_forward_process(loss=loss)
+    box.clean_modules()
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_digits_config_runs_end_to_end_through_get_distillation_box():
+    pytest.importorskip("sklearn")
+    set_seed(0)
+    config = yaml_util.load_yaml_file(str(CONFIG_DIR / "digits_aekt_serial.yaml"))
+    import_dependencies(config.get("dependencies"))
+    models = config["models"]
+    teacher = get_model(models["teacher_model"]["key"], **models["teacher_model"]["kwargs"])
+    student = get_model(models["student_model"]["key"], **models["student_model"]["kwargs"])
+    assert isinstance(student, td.AEKTSerialStudent)
+    serial_before = student.serial.relation_matrix().detach().clone()
+    box = get_distillation_box(teacher, student, config["datasets"], config["train"], torch.device("cpu"),
+                               None, False, 1)
+    stage1_epochs = config["train"]["stage1"]["num_epochs"]
+
+    def accuracy(model: nn.Module) -> float:
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in box.val_data_loader:
+                correct += (model(x).argmax(1) == y).sum().item()
+                total += y.numel()
+        return correct / total
+
+    epoch_losses = []
+    for epoch in range(box.num_epochs):
+        box.pre_epoch_process(epoch=epoch)
+        losses = []
+        for x, y, supp in box.train_data_loader:
+            loss = box.forward_process(x, y, supp)
+            box.post_forward_process(loss=loss)
+            losses.append(loss.item())
+        epoch_losses.append(sum(losses) / len(losses))
+        if epoch == stage1_epochs - 1:
+            teacher_accuracy = accuracy(teacher)
+        box.post_epoch_process()
+    student_accuracy = accuracy(student)
+    box.clean_modules()
+
+    kd = box.criterion.term_dict["kd"][0]
+    assert isinstance(kd, td.AEKTLoss) and kd.student_module_path == "kd_logits"
+    steps_per_epoch = len(box.train_data_loader)
+    stage2 = epoch_losses[stage1_epochs:]
+    assert kd.warmup_steps <= steps_per_epoch  # so the second distillation epoch is past the warm-up
+    assert all(torch.isfinite(torch.tensor(epoch_losses)))
+    assert epoch_losses[stage1_epochs - 1] < 0.5 * epoch_losses[0]  # the teacher learned
+    assert stage2[-1] < 0.7 * stage2[1]  # the distillation loss falls after the warm-up
+    assert teacher_accuracy > 0.9
+    assert student_accuracy > 0.7  # chance is 0.1
+    # the AEKT gradient reached the serial layer through the hooked kd_logits path
+    assert not torch.allclose(student.serial.relation_matrix(), serial_before)
