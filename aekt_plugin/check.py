@@ -1,0 +1,210 @@
+"""``aekt check``: the gradient-equivalence battery, run on the user's device and dtypes.
+
+For KD, DKD and AEKT, on a few shapes and logit scales, it compares
+
+* the fused kernel's loss and gradient with the readable autograd reference (:mod:`aekt_plugin.reference`),
+  evaluated in ``float64`` on the same (rounded) inputs;
+* the fused gradient with the closed form (G1)–(G2) of ``docs/derivations.md``;
+* the invariants every gradient must satisfy: finite values on extreme logits (``|z| = 1e4``), rows that
+  sum to zero (G3), a teacher that receives no gradient;
+
+and prints one table row per check with the error, the tolerance and PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import functional, reference
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# Relative tolerances against a float64 oracle on the same rounded inputs: the kernel computes in at least
+# float32, so the loss error is float32 rounding; half-precision gradients are rounded to their dtype.
+LOSS_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+GRAD_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+SHAPES = ((8, 10), (64, 100), (5, 2), (2, 7, 3, 3))
+SCALES = (1.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    loss: str
+    dtype: str
+    shape: tuple[int, ...]
+    what: str
+    error: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.error) and self.error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class _Loss:
+    name: str
+    fused: Callable[..., Tensor]
+    reference: Callable[..., Tensor]
+    options: dict[str, object]
+    scales: tuple[float, ...] = SCALES
+
+
+LOSSES = (
+    _Loss("KD", functional.kd_loss, reference.kd_loss, {}),
+    _Loss("DKD", functional.dkd_loss, reference.dkd_loss, {"alpha": 1.0, "beta": 8.0}),
+    _Loss("AEKT", functional.aekt_loss, reference.aekt_loss, {"alpha": 1.0, "beta": 8.0}),
+    _Loss(
+        "AEKT (w_max=inf, no norm)",
+        functional.aekt_loss,
+        reference.aekt_loss,
+        {"max_weight": math.inf, "normalize_weight": False},
+        # Unbounded, the ratio weight reaches 1e10 on logits of scale 30: beyond half precision by design.
+        scales=(1.0,),
+    ),
+)
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0))
+
+
+def _inputs(shape: tuple[int, ...], scale: float, dtype: torch.dtype, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
+    teacher = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device, dtype)
+    target_shape = shape[:1] + shape[2:]
+    target = torch.randint(0, shape[1], target_shape, generator=generator).to(device)
+    return student, teacher, target
+
+
+def _loss_and_grad(fn: Callable[..., Tensor], student: Tensor, *args: Tensor, **options: object):
+    student = student.detach().requires_grad_(True)
+    loss = fn(student, *args, **options)
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss.detach(), grad
+
+
+def _closed_form(loss: _Loss, student: Tensor, teacher: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """(G1)–(G2) for ``(B, C)`` float64 inputs with the loss's weights, divided by ``B`` (mean)."""
+    parts = reference.decompose(student, teacher, target, temperature)
+    options = loss.options
+    if loss.name == "KD":
+        a, b = 1.0, parts.log_1m_q_t.exp()
+    elif loss.name == "DKD":
+        a, b = float(options["alpha"]), float(options["beta"])  # type: ignore[arg-type]
+    else:
+        weight = reference.aekt_weight(
+            parts,
+            max_weight=float(options.get("max_weight", functional.DEFAULTS["max_weight"])),  # type: ignore[arg-type]
+            normalize_weight=bool(options.get("normalize_weight", functional.DEFAULTS["normalize_weight"])),
+        )
+        a, b = float(options.get("alpha", 1.0)) * weight, float(options.get("beta", 8.0))  # type: ignore[arg-type]
+    grad = reference.closed_form_grad(student, teacher, target, a, b, temperature=temperature)
+    return grad / student.shape[0]
+
+
+def run_checks(
+    *, device: str | torch.device = "cpu", dtypes: Iterable[str] = tuple(DTYPES), seed: int = 0
+) -> list[Check]:
+    """Run the battery and return one :class:`Check` per comparison."""
+    device = torch.device(device)
+    temperature = 4.0
+    checks: list[Check] = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for loss in LOSSES:
+            for shape in SHAPES:
+                for scale in loss.scales:
+                    checks.extend(_check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed))
+                checks.append(_check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed))
+    return checks
+
+
+def _check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed) -> list[Check]:
+    student, teacher, target = _inputs(shape, scale, dtype, device, seed)
+    fused_loss, fused_grad = _loss_and_grad(
+        loss.fused, student, teacher, target, temperature=temperature, **loss.options
+    )
+    oracle_loss, oracle_grad = _loss_and_grad(
+        loss.reference, student.double(), teacher.double(), target, temperature=temperature, **loss.options
+    )
+    label = f"{tuple(shape)} ×{scale:g}"
+    results = [
+        Check(loss.name, dtype_name, shape, f"loss vs reference {label}", _relative_error(fused_loss, oracle_loss),
+              LOSS_RTOL[dtype]),
+        Check(loss.name, dtype_name, shape, f"grad vs reference {label}", _relative_error(fused_grad, oracle_grad),
+              GRAD_RTOL[dtype]),
+    ]
+    if len(shape) == 2:
+        closed = _closed_form(loss, student.double(), teacher.double(), target, temperature)
+        results.append(
+            Check(loss.name, dtype_name, shape, f"grad vs closed form (G1-G2) {label}",
+                  _relative_error(fused_grad, closed), GRAD_RTOL[dtype])
+        )
+        row_sums = fused_grad.double().sum(dim=1).abs().max()
+        results.append(
+            Check(loss.name, dtype_name, shape, f"grad rows sum to 0 (G3) {label}",
+                  float(row_sums / fused_grad.double().abs().max().clamp_min(1e-30)), GRAD_RTOL[dtype] * 10)
+        )
+    return results
+
+
+def _check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed) -> Check:
+    """Logits of magnitude 1e4 (p_t rounding to 1 or underflowing): everything finite, teacher untouched."""
+    student, teacher, target = _inputs(shape, 1.0, torch.float64, device, seed)
+    student = (student.sign() * 1e4).to(dtype)
+    teacher = (teacher.sign() * 1e4).to(dtype).requires_grad_(True)
+    options = dict(loss.options)
+    if options.get("max_weight") == math.inf:
+        options["max_weight"] = 10.0  # an unbounded ratio weight is allowed to be inf there, by design
+    fused_loss, fused_grad = _loss_and_grad(loss.fused, student, teacher, target, temperature=temperature, **options)
+    finite = bool(torch.isfinite(fused_loss).all() and torch.isfinite(fused_grad).all() and teacher.grad is None)
+    return Check(loss.name, dtype_name, shape, "finite at |logits| = 1e4, teacher gets no grad", 0.0 if finite else math.inf, 0.0)
+
+
+def format_table(checks: Sequence[Check]) -> str:
+    header = f"{'loss':<26} {'dtype':<9} {'check':<52} {'error':>10} {'tol':>8}  result"
+    lines = [header, "-" * len(header)]
+    for check in checks:
+        lines.append(
+            f"{check.loss:<26} {check.dtype:<9} {check.what:<52} {check.error:>10.2e} {check.tolerance:>8.0e}  "
+            f"{'PASS' if check.passed else 'FAIL'}"
+        )
+    failed = sum(not check.passed for check in checks)
+    lines.append(f"{len(checks) - failed} passed, {failed} failed")
+    return "\n".join(lines)
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument(
+        "--dtype", dest="dtypes", action="append", choices=sorted(DTYPES),
+        help="dtype to check; repeat for several (default: all four)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random logits (default 0)")
+    parser.add_argument("--failures-only", action="store_true", help="print only the failing rows")
+    return parser
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run ``aekt check``; return 0 when every check passes, else 1."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("aekt check: --device cuda requested but torch.cuda.is_available() is False")
+    checks = run_checks(device=device, dtypes=args.dtypes or tuple(DTYPES), seed=args.seed)
+    shown = [c for c in checks if not c.passed] if args.failures_only else checks
+    print(f"aekt check on {device} (torch {torch.__version__})")
+    print(format_table(shown) if shown else f"{len(checks)} passed, 0 failed")
+    return 0 if all(check.passed for check in checks) else 1

@@ -1,0 +1,45 @@
+"""The ``aekt`` command line (also ``python -m aekt_plugin``): a thin dispatcher.
+
+* ``aekt demo``  — train a teacher, distil a student with CE, KD, DKD and AEKT, print the table;
+* ``aekt check`` — the gradient-equivalence battery on your device and dtypes (exit 1 on failure);
+* ``aekt bench`` — the loss-kernel benchmark (SPEC §5).
+
+Each subcommand's module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Sequence
+
+from . import __version__
+
+# subcommand -> (module, function adding its options, function running it, one-line help)
+_COMMANDS = {
+    "demo": ("aekt_plugin.demo.run", "add_demo_arguments", "run_demo",
+             "train a teacher, distil students with CE/KD/DKD/AEKT, print the accuracy table"),
+    "check": ("aekt_plugin.check", "add_check_arguments", "run_check",
+              "gradient-equivalence checks of the fused kernel on a device and dtypes"),
+    "bench": ("aekt_plugin.bench", "add_bench_arguments", "run_bench",
+              "loss-kernel benchmark: time, ratios and saved bytes against plain KD and mdistiller's DKD"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aekt", description="AEKT knowledge distillation: demo, gradient checks and kernel benchmark."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,check,bench}")
+    for name, (module, add_arguments, _, help_text) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), add_arguments)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, run, _ = _COMMANDS[args.command]
+    status = getattr(importlib.import_module(module), run)(args)
+    return status if isinstance(status, int) else 0
