@@ -1,0 +1,341 @@
+"""Training of the demo's teacher and students: one loop, the methods differ only in the loss.
+
+Per step, with head logits ``h = student(x)`` and ``(z_cls, z_kd) = split_logits(h, S)`` (SPEC §3)::
+
+    loss = ce_weight · CE(z_cls, y) + min(step / warmup_steps, 1) · L(z_kd, v, y)
+
+where ``v`` are the cached teacher logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the
+core (``T²`` inside, SPEC §2); ``L = 0`` for CE. The warm-up counts optimiser steps linearly from 0.
+Accuracy is measured on ``z_cls`` at the last epoch (nothing is selected on the test set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Splits
+from .models import count_parameters, make_model
+
+__all__ = [
+    "MethodConfig",
+    "TrainConfig",
+    "cache_dir",
+    "evaluate",
+    "get_teacher",
+    "is_collapsed",
+    "predict_logits",
+    "train_student",
+    "train_teacher",
+]
+
+_logger = logging.getLogger(__name__)
+
+LOSSES = ("ce", "kd", "dkd", "aekt")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One distillation method: the loss, its weights and the serial layer ``S``.
+
+    ``order=None`` means no serial layer (``z_cls = z_kd``). ``residual`` selects the residual form
+    ``z_kd = z_cls + S·z_cls`` (``S`` zero-initialised); ``s_weight_decay`` whether ``S`` is
+    weight-decayed; ``s_lr_scale`` multiplies the learning rate of ``S``.
+    """
+
+    name: str
+    loss: str = "aekt"
+    temperature: float = 4.0
+    alpha: float = 1.0
+    beta: float = 2.0
+    max_weight: float = 5.0
+    normalize_weight: bool = True
+    order: Optional[str] = None
+    residual: bool = False
+    s_weight_decay: bool = True
+    s_lr_scale: float = 1.0
+    ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if math.isinf(d["max_weight"]):
+            d["max_weight"] = "inf"
+        return d
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every student of one table (tuned once, not per method)."""
+
+    model: str = "fmnist100-student"
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    collapse_factor: float = 2.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/aekt-plugin`` (default ``~/.cache/aekt-plugin``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aekt-plugin"
+
+
+def is_collapsed(accuracy: float, num_classes: int, factor: float = 2.0) -> bool:
+    """A run is collapsed when its accuracy stays below ``factor`` × chance (``1/C``) or is NaN."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    return not (accuracy >= factor / num_classes)
+
+
+@torch.no_grad()
+def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, batched."""
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    if isinstance(model, nn.Module):
+        model.train(was_training)
+    return out
+
+
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in ``[0, 1]``."""
+    if x.shape[0] == 0:
+        return float("nan")
+    return float((predict_logits(model, x).argmax(1) == y).float().mean())
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def _cosine(step: int, total: int) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _tqdm(iterable: Any, *, show: bool, **kwargs: Any) -> Any:
+    if not show:
+        return iterable
+    from ._deps import require
+
+    return require("tqdm").tqdm(iterable, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- teacher
+def _teacher_key(data: Splits, data_key: dict[str, Any], cfg: TrainConfig, seed: int) -> str:
+    payload = json.dumps({"data": data_key, "train": cfg.to_dict(), "seed": seed, "shape": list(data.input_shape),
+                          "classes": data.num_classes}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def train_teacher(data: Splits, cfg: TrainConfig, *, seed: int = 0, progress: bool = True) -> nn.Module:
+    """Train a teacher with cross-entropy only (same loop as the students, CE method)."""
+    model, _ = train_student(data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress)
+    return model.student  # type: ignore[return-value]
+
+
+def get_teacher(
+    data: Splits,
+    data_key: dict[str, Any],
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher for ``data``, trained once and cached under :func:`cache_dir` keyed by its settings.
+
+    ``data_key`` names the data settings (dataset, sizes, seed) that built ``data``. Returns the
+    model (eval mode) and its record ``{"key", "accuracy", "params", "train_config", "cached", ...}``.
+    """
+    key = _teacher_key(data, data_key, cfg, seed)
+    path = cache_dir() / "teachers" / f"{data.name}-{key}.pt"
+    model = make_model(cfg.model, data.input_shape[0], data.num_classes)
+    if cache and path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(blob["state_dict"])
+        model.eval()
+        info = dict(json.loads(blob["info"]), cached=True, path=str(path))
+        return model, info
+    t0 = time.perf_counter()
+    model = train_teacher(data, cfg, seed=seed, progress=progress)
+    model.eval()
+    info = {
+        "key": key,
+        "model": cfg.model,
+        "params": count_parameters(model),
+        "accuracy": evaluate(model, data.x_test, data.y_test),
+        "val_accuracy": evaluate(model, data.x_val, data.y_val),
+        "train_config": cfg.to_dict(),
+        "seed": seed,
+        "data": data_key,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"state_dict": model.state_dict(), "info": json.dumps(info, default=str)}, tmp)
+        os.replace(tmp, path)
+    return model, dict(info, cached=False, path=str(path) if cache else None)
+
+
+# --------------------------------------------------------------------------------------------- student
+def _loss_fn(method: MethodConfig) -> Optional[Callable[..., torch.Tensor]]:
+    import aekt_plugin as ak
+
+    if method.loss == "ce":
+        return None
+    if method.loss == "kd":
+        return lambda s, t, y: ak.kd_loss(s, t, y, temperature=method.temperature, validate_args=False)
+    if method.loss == "dkd":
+        return lambda s, t, y: ak.dkd_loss(s, t, y, temperature=method.temperature, alpha=method.alpha,
+                                           beta=method.beta, validate_args=False)
+    return lambda s, t, y: ak.aekt_loss(s, t, y, temperature=method.temperature, alpha=method.alpha,
+                                        beta=method.beta, max_weight=method.max_weight,
+                                        normalize_weight=method.normalize_weight, validate_args=False)
+
+
+class _Classifier(nn.Module):
+    """Student + optional serial layer; ``forward`` returns the classification logits ``z_cls``."""
+
+    def __init__(self, student: nn.Module, serial: Optional[nn.Module]) -> None:
+        super().__init__()
+        self.student = student
+        self.serial = serial
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        head = self.student(x)
+        if self.serial is None:
+            return head, head
+        import aekt_plugin as ak
+
+        return ak.split_logits(head, self.serial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.split(x)[0]
+
+
+def train_student(
+    data: Splits,
+    teacher_logits: Optional[torch.Tensor],
+    method: MethodConfig,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+    desc: Optional[str] = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one student with ``method``; returns the model (``forward`` = ``z_cls``) and its record.
+
+    ``teacher_logits`` are the teacher's logits on ``data.x_train`` (computed once, no augmentation);
+    required unless ``method.loss == "ce"``. The record holds the last-epoch test accuracy, the
+    per-epoch validation accuracy (when a validation split exists), the mean training losses, whether
+    the run collapsed (:func:`is_collapsed`) and its wall time.
+    """
+    import aekt_plugin as ak
+
+    loss_fn = _loss_fn(method)
+    if loss_fn is not None and teacher_logits is None:
+        raise ValueError(f"method {method.name!r} ({method.loss}) needs teacher_logits")
+    if teacher_logits is not None and teacher_logits.shape != (data.x_train.shape[0], data.num_classes):
+        raise ValueError(
+            f"teacher_logits must have shape {(data.x_train.shape[0], data.num_classes)}, got {tuple(teacher_logits.shape)}"
+        )
+    torch.manual_seed(seed)
+    student = make_model(cfg.model, data.input_shape[0], data.num_classes)
+    serial: Optional[nn.Module] = None
+    if method.order is not None:
+        serial = ak.SerialLayer(data.num_classes, order=method.order, residual=method.residual)
+    model = _Classifier(student, serial)
+    groups: list[dict[str, Any]] = [{"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    if serial is not None:
+        groups.append({"params": list(serial.parameters()),
+                       "weight_decay": cfg.weight_decay if method.s_weight_decay else 0.0,
+                       "lr_scale": method.s_lr_scale})
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    n = data.x_train.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(seed + 12345)
+    step = 0
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    epochs = _tqdm(range(cfg.epochs), show=progress, desc=desc or method.name, leave=False, unit="ep")
+    finite = True
+    for epoch in epochs:
+        model.train()
+        sums = {"loss_ce": 0.0, "loss_kd": 0.0}
+        for idx in _batches(n, cfg.batch_size, gen):
+            lr = cfg.lr * _cosine(step, total)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x, y = data.x_train[idx], data.y_train[idx]
+            z_cls, z_kd = model.split(x)
+            loss_ce = method.ce_weight * F.cross_entropy(z_cls, y)
+            loss = loss_ce
+            if loss_fn is not None:
+                kd_scale = ak.warmup_factor(step, warmup_steps)
+                loss_kd = kd_scale * loss_fn(z_kd, teacher_logits[idx], y)  # type: ignore[index]
+                loss = loss + loss_kd
+                sums["loss_kd"] += float(loss_kd.detach())
+            sums["loss_ce"] += float(loss_ce.detach())
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        rec = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
+        if data.x_val.shape[0]:
+            rec["val_accuracy"] = evaluate(model, data.x_val, data.y_val)
+        history.append(rec)
+        if progress and hasattr(epochs, "set_postfix"):
+            epochs.set_postfix({k: round(v, 3) for k, v in rec.items() if k != "epoch"})
+        if not finite:
+            break
+    model.eval()
+    acc = evaluate(model, data.x_test, data.y_test) if finite else float("nan")
+    record: dict[str, Any] = {
+        "method": method.name,
+        "seed": seed,
+        "accuracy": acc,
+        "collapsed": is_collapsed(acc, data.num_classes, cfg.collapse_factor),
+        "finite": finite,
+        "val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "history": history,
+        "config": method.to_dict(),
+        "params": count_parameters(student),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return model, record
+
+
+def method_with(method: MethodConfig, **changes: Any) -> MethodConfig:
+    """A copy of ``method`` with fields replaced (used to build ablations)."""
+    return replace(method, **changes)
