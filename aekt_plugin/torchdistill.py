@@ -50,8 +50,8 @@ torchdistill is imported only by this module; ``import aekt_plugin`` does not im
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.utils.data
@@ -66,7 +66,8 @@ try:
     from torchdistill.models.registry import MODEL_DICT, get_model, register_model
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "aekt_plugin.torchdistill needs torchdistill; install it with: pip install \"aekt-plugin[torchdistill]\""
+        "aekt_plugin.torchdistill needs torchdistill; install it with: "
+        'pip install "aekt-plugin[torchdistill]"'
     ) from err
 
 __all__ = [
@@ -87,7 +88,9 @@ _REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum", "none": "none"
 
 def _check_module_path(name: str, value: object) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a module path string such as '.' or 'fc', got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a module path string such as '.' or 'fc', got {type(value).__name__}"
+        )
     if not value:
         raise ValueError(f"{name} must not be empty; use '.' for the model's own output")
     return value

@@ -21,7 +21,11 @@ import yaml  # noqa: E402  (torchdistill's dependency)
 from torchdistill.common import yaml_util  # noqa: E402
 from torchdistill.common.main_util import import_dependencies, set_seed  # noqa: E402
 from torchdistill.core.distillation import get_distillation_box  # noqa: E402
-from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, get_high_level_loss, get_mid_level_loss  # noqa: E402
+from torchdistill.losses.registry import (  # noqa: E402
+    MIDDLE_LEVEL_LOSS_DICT,
+    get_high_level_loss,
+    get_mid_level_loss,
+)
 from torchdistill.models.registry import MODEL_DICT, get_model  # noqa: E402
 
 import aekt_plugin  # noqa: E402
@@ -174,8 +178,11 @@ def test_gradients_reach_the_student_logits_only(tmp_path, key):
 
 @pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
 def test_defaults_come_from_the_package_defaults(key):
-    loss = td.AEKTLoss(".", "output", ".", "output") if key == "AEKTLoss" else td.DKDLoss(".", "output", ".", "output")
-    for name in ("temperature", "alpha", "beta") + (("max_weight", "normalize_weight") if key == "AEKTLoss" else ()):
+    loss = MIDDLE_LEVEL_LOSS_DICT[key](".", "output", ".", "output")
+    names = ["temperature", "alpha", "beta"]
+    if key == "AEKTLoss":
+        names += ["max_weight", "normalize_weight"]
+    for name in names:
         assert getattr(loss, name) == aekt_plugin.DEFAULTS[name]
     z, v, y = _logits(seed=2)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
@@ -265,8 +272,8 @@ def test_bad_constructor_values_fail_when_the_box_is_built_naming_the_key(kwargs
 
 def test_missing_constructor_path_names_the_argument():
     with pytest.raises(TypeError, match="teacher_module_path"):
-        get_mid_level_loss({"key": "DKDLoss", "kwargs": {"student_module_path": ".", "student_module_io": "output",
-                                                         "teacher_module_io": "output"}})
+        kwargs = {"student_module_path": ".", "student_module_io": "output", "teacher_module_io": "output"}
+        get_mid_level_loss({"key": "DKDLoss", "kwargs": kwargs})
 
 
 # ---------------------------------------------------------------------------------------- serial layer
@@ -354,7 +361,10 @@ def _offline_config(path: Path) -> dict:
     class Loader(yaml.FullLoader):
         pass
 
-    Loader.add_constructor("!join", lambda loader, node: "".join(str(x) for x in loader.construct_sequence(node)))
+    def join(loader, node):
+        return "".join(str(x) for x in loader.construct_sequence(node))
+
+    Loader.add_constructor("!join", join)
     Loader.add_constructor("!import_get", yaml_util.yaml_import_get)
     Loader.add_constructor("!import_call", lambda loader, node: loader.construct_mapping(node, deep=True))
     with open(path) as fh:
