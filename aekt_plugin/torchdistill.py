@@ -49,6 +49,7 @@ torchdistill is imported only by this module; ``import aekt_plugin`` does not im
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -366,7 +367,8 @@ class AEKTSerialStudent(nn.Module):
 
     * ``order='cls_kd'``: ``z_cls = head``, ``z_kd = S(head)``; in eval mode ``S`` is skipped (zero
       inference cost), so ``model`` alone is the deployable network;
-    * ``order='kd_cls'``: ``z_kd = head``, ``z_cls = S(head)``; ``S`` stays at inference.
+    * ``order='kd_cls'``: ``z_kd = head``, ``z_cls = S(head)``; ``S`` stays at inference, or is folded
+      into the classifier by :meth:`deploy_model`.
 
     Args:
         model: the student (an ``nn.Module`` returning ``(B, C)`` logits), or its torchdistill model config
@@ -425,6 +427,29 @@ class AEKTSerialStudent(nn.Module):
         z_cls, z_kd = split_logits(head, self.serial)
         self.kd_logits(z_kd)
         return z_cls
+
+    def deploy_model(self, classifier_path: str = "fc") -> nn.Module:
+        """A copy of the wrapped model alone whose output is ``z_cls``: the serial layer is folded into the
+        classifier at ``classifier_path`` (:meth:`aekt_plugin.SerialLayer.fold`; exact up to rounding for
+        ``'kd_cls'``, the classifier unchanged for ``'cls_kd'``). This wrapper is not modified.
+
+        Args:
+            classifier_path: dotted module path of the model's final ``nn.Linear`` (``'fc'`` in
+                torchdistill's CIFAR models and torchvision's ResNets).
+        """
+        deployed = copy.deepcopy(self.model).eval()
+        if self.serial is None:
+            return deployed
+        parent_path, _, name = classifier_path.rpartition(".")
+        parent = deployed.get_submodule(parent_path) if parent_path else deployed
+        classifier = getattr(parent, name, None)
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(
+                f"classifier_path {classifier_path!r} must name the model's final nn.Linear, got "
+                f"{type(classifier).__name__}"
+            )
+        setattr(parent, name, self.serial.fold(classifier))
+        return deployed
 
 
 def demo_dataset(name: str = "digits", split: str = "train", **kwargs: Any) -> torch.utils.data.TensorDataset:

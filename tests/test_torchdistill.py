@@ -317,6 +317,21 @@ def test_serial_student_cls_kd_drops_the_serial_layer_in_eval_mode():
     assert calls == []
 
 
+@pytest.mark.parametrize("order", ["cls_kd", "kd_cls"])
+def test_deploy_model_folds_the_serial_layer_into_the_classifier(order):
+    torch.manual_seed(1)
+    student = td.AEKTSerialStudent(_Head(), order=order)
+    with torch.no_grad():
+        for p in student.serial.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    deployed = student.deploy_model("fc")
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(deployed(x), student.train()(x))
+    assert isinstance(deployed, _Head) and deployed is not student.model
+    with pytest.raises(ValueError, match="classifier_path"):
+        student.deploy_model("head")
+
+
 def test_serial_student_builds_the_base_model_from_a_torchdistill_config():
     student = get_model("AEKTSerialStudent", model={"key": "resnet20", "kwargs": {"num_classes": 7}},
                         num_classes=7, order="kd_cls")
