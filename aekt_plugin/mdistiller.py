@@ -615,8 +615,8 @@ def _import_from(root: Path) -> None:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     register()
-    imported = Path(sys.modules["mdistiller"].__file__ or "").resolve().parent.parent
-    if imported != root:
+    imported = Path(sys.modules["mdistiller"].__file__ or "").resolve().parent
+    if imported != (root / "mdistiller").resolve():
         raise _UsageError(
             f"mdistiller was imported from {imported}, not from the checkout {root}; "
             "point --mdistiller-root at the checkout mdistiller is installed from, or uninstall the other one"
