@@ -121,7 +121,9 @@ def _import_mdistiller() -> tuple[Any, Any, type]:
                 "--mdistiller-root / set MDISTILLER_ROOT for aekt-mdistiller."
             ) from error
         hint = _INSTALL_HINTS.get(missing, f"pip install {missing}")
-        raise MdistillerImportError(f"mdistiller needs the package {missing!r}, which is missing: {hint}") from error
+        raise MdistillerImportError(
+            f"mdistiller needs the package {missing!r}, which is missing: {hint}"
+        ) from error
     return distillers, cfg_module, base
 
 
@@ -242,7 +244,9 @@ class _FoldSerialIntoClassifier:
         self.serial = serial
         self.classifier_name = classifier_name
 
-    def __call__(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    def __call__(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
         if prefix:
             return
         classifier = dict(module.named_modules())[self.classifier_name]
@@ -322,7 +326,8 @@ class _LogitDistiller:
                 return 0
             raise ValueError(
                 f"{self.cfg_node}.ORDER: {order} needs the class count, read from the last nn.Linear "
-                f"({', '.join(_CLASSIFIER_NAMES)}) of the student or teacher, and neither has one; use ORDER: null"
+                f"({', '.join(_CLASSIFIER_NAMES)}) of the student or teacher, and neither has one; "
+                "use ORDER: null"
             )
         return found[1].out_features
 
@@ -362,8 +367,8 @@ class _LogitDistiller:
             if self.warmup > 0:
                 warnings.warn(
                     f"{self.cfg_node}: the trainer passes no epoch (mdistiller's CRD trainers), so the "
-                    f"{self.cfg_node}.WARMUP of {self.warmup:g} epochs is not applied: loss_kd has full weight "
-                    f"from the first step. Set {self.cfg_node}.WARMUP: 0 to silence this warning.",
+                    f"{self.cfg_node}.WARMUP of {self.warmup:g} epochs is not applied: loss_kd has full "
+                    f"weight from the first step. Set {self.cfg_node}.WARMUP: 0 to silence this warning.",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -454,7 +459,9 @@ def _distiller_classes(base: type) -> dict[str, type]:
         classes = {}
         for key, mixin in _MIXINS.items():
             name = _CLASS_NAMES[key]
-            cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "__doc__": mixin.__doc__})
+            cls = type(
+                name, (mixin, base), {"__module__": __name__, "__qualname__": name, "__doc__": mixin.__doc__}
+            )
             classes[key] = cls
         _CLASS_CACHE[base] = classes
     return _CLASS_CACHE[base]
@@ -555,7 +562,9 @@ def _build_parser() -> argparse.ArgumentParser:
         default="",
         help="a yaml file, a path relative to the mdistiller checkout, or a shipped config name (see --list)",
     )
-    parser.add_argument("--resume", action="store_true", help="resume from the experiment's 'latest' checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="resume from the experiment's 'latest' checkpoint"
+    )
     parser.add_argument(
         "--mdistiller-root",
         default=None,
@@ -579,7 +588,8 @@ def _describe_config(name: str) -> str:
         return ""
     data = yaml.safe_load(read_config(name))
     distiller, node = data.get("DISTILLER", {}), data.get(CFG_NODE, {})
-    return f"{distiller.get('TEACHER')} -> {distiller.get('STUDENT')}, T={node.get('T')}, BETA={node.get('BETA')}"
+    pair = f"{distiller.get('TEACHER')} -> {distiller.get('STUDENT')}"
+    return f"{pair}, T={node.get('T')}, BETA={node.get('BETA')}"
 
 
 def _find_root(option: str | None) -> Path:
@@ -601,7 +611,9 @@ def _find_root(option: str | None) -> Path:
         root, source = Path(spec.origin).parent.parent, "the importable mdistiller"
     root = root.resolve()
     if not (root / "mdistiller" / "__init__.py").is_file():
-        raise _UsageError(f"{root} (from {source}) is not an mdistiller checkout: it has no mdistiller/__init__.py")
+        raise _UsageError(
+            f"{root} (from {source}) is not an mdistiller checkout: it has no mdistiller/__init__.py"
+        )
     if not (root / "tools" / "train.py").is_file():
         raise _UsageError(
             f"{root} (from {source}) has no tools/train.py. tools/ is not part of the installed mdistiller "

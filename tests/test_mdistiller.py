@@ -89,7 +89,9 @@ def md(request: pytest.FixtureRequest):
             models=importlib.import_module("mdistiller.models"),
         )
         imported_from = Path(ns.distillers.__file__).resolve()
-        assert imported_from.is_relative_to(ROOT.resolve()), f"mdistiller imported from {imported_from}, not {ROOT}"
+        assert imported_from.is_relative_to(ROOT.resolve()), (
+            f"mdistiller imported from {imported_from}, not {ROOT}"
+        )
         yield ns
     finally:
         torch.set_num_threads(threads)
@@ -267,11 +269,18 @@ def test_every_shipped_config_merges_into_cfg(md, cfg, name: str) -> None:
     assert cfg.DATASET.TYPE == ("imagenet" if dataset == "imagenet" else "cifar100")
     if md.backend == "real":  # same schedule and DKD settings as mdistiller's own DKD config of the pair
         stem = name.split("/")[1]
-        dkd_yaml = md.root / "configs" / (f"cifar100/dkd/{stem}.yaml" if dataset == "cifar100" else f"imagenet/{stem}/dkd.yaml")
+        dkd_yaml = (
+            md.root
+            / "configs"
+            / (f"cifar100/dkd/{stem}.yaml" if dataset == "cifar100" else f"imagenet/{stem}/dkd.yaml")
+        )
         theirs = md.cfg.CFG.clone()
         theirs.merge_from_file(str(dkd_yaml))
         assert cfg.SOLVER == theirs.SOLVER and cfg.DATASET == theirs.DATASET
-        assert (cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT) == (theirs.DISTILLER.TEACHER, theirs.DISTILLER.STUDENT)
+        assert (cfg.DISTILLER.TEACHER, cfg.DISTILLER.STUDENT) == (
+            theirs.DISTILLER.TEACHER,
+            theirs.DISTILLER.STUDENT,
+        )
         for key in ("CE_WEIGHT", "ALPHA", "BETA", "T", "WARMUP"):
             assert cfg.AEKT[key] == theirs.DKD[key], key
 
@@ -303,7 +312,9 @@ def test_unknown_order_is_rejected_naming_the_key(md, cfg, order) -> None:
         _distiller(md, cfg)
 
 
-@pytest.mark.parametrize(("key", "value"), [("T", 0.0), ("ALPHA", -1.0), ("BETA", math.nan), ("MAX_WEIGHT", 0.0)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("T", 0.0), ("ALPHA", -1.0), ("BETA", math.nan), ("MAX_WEIGHT", 0.0)]
+)
 def test_bad_loss_settings_are_rejected_naming_the_key(md, cfg, key: str, value: float) -> None:
     cfg.AEKT[key] = value
     with pytest.raises(ValueError, match=f"AEKT.{key}"):
@@ -351,7 +362,15 @@ def test_train_step_returns_the_two_losses_and_trains_student_and_serial_only(md
 
 def test_losses_follow_the_cfg_and_the_warmup(md, cfg) -> None:
     cfg.AEKT.update(
-        {"CE_WEIGHT": 0.7, "ALPHA": 0.5, "BETA": 3.0, "T": 2.0, "MAX_WEIGHT": 4.0, "NORMALIZE_WEIGHT": False, "WARMUP": 10}
+        {
+            "CE_WEIGHT": 0.7,
+            "ALPHA": 0.5,
+            "BETA": 3.0,
+            "T": 2.0,
+            "MAX_WEIGHT": 4.0,
+            "NORMALIZE_WEIGHT": False,
+            "WARMUP": 10,
+        }
     )
     cfg.AEKT.ORDER = None
     distiller = _distiller(md, cfg)
@@ -363,7 +382,14 @@ def test_losses_follow_the_cfg_and_the_warmup(md, cfg) -> None:
         _, full = distiller(image=image, target=target, epoch=12)
         _, early = distiller(image=image, target=target, epoch=4)
     expected_kd = ref.aekt_loss(
-        student_logits, teacher_logits, target, temperature=2.0, alpha=0.5, beta=3.0, max_weight=4.0, normalize_weight=False
+        student_logits,
+        teacher_logits,
+        target,
+        temperature=2.0,
+        alpha=0.5,
+        beta=3.0,
+        max_weight=4.0,
+        normalize_weight=False,
     )
     torch.testing.assert_close(full["loss_kd"], expected_kd, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(full["loss_ce"], 0.7 * F.cross_entropy(student_logits, target))
@@ -620,7 +646,17 @@ def checkout(md, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_console_script_runs_the_checkouts_train_py_with_aekt_registered(md, checkout: Path) -> None:
     argv_before = list(sys.argv)
     rc = am.main(
-        ["--mdistiller-root", str(checkout), "--cfg", "cifar100/res56_res20", "--resume", "SOLVER.EPOCHS", "3", "AEKT.ORDER", "kd_cls"]
+        [
+            "--mdistiller-root",
+            str(checkout),
+            "--cfg",
+            "cifar100/res56_res20",
+            "--resume",
+            "SOLVER.EPOCHS",
+            "3",
+            "AEKT.ORDER",
+            "kd_cls",
+        ]
     )
     assert rc == 0 and sys.argv == argv_before
     report = json.loads((checkout.parent / "report.json").read_text())
@@ -658,8 +694,12 @@ def test_console_script_errors_say_the_fix(md, checkout: Path, capsys: pytest.Ca
     assert "imported from" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(BACKEND != "real", reason="needs a real checkout's tools/train.py; the stub twin above covers the wiring")
-def test_console_script_trains_with_the_real_train_py(md, cfg, no_cuda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(
+    BACKEND != "real", reason="needs a real checkout's tools/train.py; the stub twin above covers the wiring"
+)
+def test_console_script_trains_with_the_real_train_py(
+    md, cfg, no_cuda, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """End to end through mdistiller's unchanged tools/train.py, with an in-memory dataset and teacher."""
     dataset = importlib.import_module("mdistiller.dataset")
     utils = importlib.import_module("mdistiller.engine.utils")
@@ -670,7 +710,16 @@ def test_console_script_trains_with_the_real_train_py(md, cfg, no_cuda, tmp_path
     monkeypatch.setattr(md.cfg, "CFG", md.cfg.CFG.clone())
     monkeypatch.chdir(tmp_path)
     rc = am.main(
-        ["--mdistiller-root", str(md.root), "--cfg", "cifar100/res56_res20", "SOLVER.EPOCHS", "1", "AEKT.ORDER", "kd_cls"]
+        [
+            "--mdistiller-root",
+            str(md.root),
+            "--cfg",
+            "cifar100/res56_res20",
+            "SOLVER.EPOCHS",
+            "1",
+            "AEKT.ORDER",
+            "kd_cls",
+        ]
     )
     assert rc == 0
     (best,) = tmp_path.rglob("student_best")  # under ./output/<project>/<experiment>

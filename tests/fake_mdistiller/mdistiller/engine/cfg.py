@@ -11,7 +11,7 @@ def show_cfg(cfg):
         setattr(dump_cfg, node, cfg[node])
     if cfg.DISTILLER.TYPE in cfg:
         dump_cfg.update({cfg.DISTILLER.TYPE: cfg.get(cfg.DISTILLER.TYPE)})
-    print("CONFIG:\n{}".format(dump_cfg.dump()))
+    print(f"CONFIG:\n{dump_cfg.dump()}")
 
 
 CFG = CN()

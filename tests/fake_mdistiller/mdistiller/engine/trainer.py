@@ -96,7 +96,7 @@ class BaseTrainer:
         target = target.cuda(non_blocking=True)
         index = index.cuda(non_blocking=True)
         preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch)
-        loss = sum([l.mean() for l in losses_dict.values()])
+        loss = sum([value.mean() for value in losses_dict.values()])
         loss.backward()
         self.optimizer.step()
         return preds
@@ -113,7 +113,7 @@ class CRDTrainer(BaseTrainer):
         preds, losses_dict = self.distiller(
             image=image, target=target, index=index, contrastive_index=contrastive_index
         )
-        loss = sum([l.mean() for l in losses_dict.values()])
+        loss = sum([value.mean() for value in losses_dict.values()])
         loss.backward()
         self.optimizer.step()
         return preds
@@ -134,7 +134,7 @@ class DOT(BaseTrainer):
         kd_grads = [None if p.grad is None else p.grad.clone() for p in self._params()]
         self.optimizer.zero_grad(set_to_none=True)
         loss_ce.backward()
-        for param, kd_grad in zip(self._params(), kd_grads):
+        for param, kd_grad in zip(self._params(), kd_grads, strict=True):
             if kd_grad is not None:
                 param.grad = kd_grad if param.grad is None else param.grad + kd_grad
         self.optimizer.step()
