@@ -1,0 +1,53 @@
+"""The `aekt` command line and the torch-only import of the core."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aekt_plugin import check, cli
+
+
+def test_import_needs_torch_alone():
+    code = (
+        "import sys, aekt_plugin, aekt_plugin.reference, aekt_plugin.cli;"
+        "bad = [m for m in ('timm', 'torchdistill', 'mdistiller', 'yacs', 'sklearn', 'matplotlib') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_prints_help_and_version():
+    out = subprocess.run([sys.executable, "-m", "aekt_plugin", "--version"], check=True, capture_output=True, text=True)
+    assert out.stdout.startswith("aekt ")
+    for command in ("demo", "check", "bench"):
+        out = subprocess.run(
+            [sys.executable, "-m", "aekt_plugin", command, "--help"], check=True, capture_output=True, text=True
+        )
+        assert "usage: aekt " + command in out.stdout
+
+
+def test_check_passes_on_cpu_float32(capsys):
+    assert cli.main(["check", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "0 failed" in out and "FAIL" not in out
+
+
+def test_check_fails_with_exit_status_1_when_the_kernel_is_wrong(monkeypatch, capsys):
+    broken = [
+        check._Loss(loss.name, lambda *a, _f=loss.fused, **k: _f(*a, **k) * 1.001, loss.reference, loss.options)
+        for loss in check.LOSSES
+    ]
+    monkeypatch.setattr(check, "LOSSES", tuple(broken))
+    assert cli.main(["check", "--dtype", "float64", "--failures-only"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_check_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the refusal is for machines without one")
+    with pytest.raises(SystemExit, match="cuda"):
+        cli.main(["check", "--device", "cuda"])
