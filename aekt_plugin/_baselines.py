@@ -19,6 +19,7 @@ Notation (SPEC §2): student logits ``z``, teacher logits ``v``, target ``t``, t
     logits ``p_t`` underflows to 0 (or ``1 - p_t`` to 0) and ``log`` returns ``-inf``, so the loss becomes
     ``inf``/``nan``. That is the point of having it -- use :func:`aekt_plugin.dkd_loss` for training.
 """
+
 from __future__ import annotations
 
 import torch

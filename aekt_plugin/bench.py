@@ -69,6 +69,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -110,7 +111,14 @@ KERNEL_METHODS: tuple[str, ...] = (
     "aekt_fused",
 )
 BASELINES: tuple[str, ...] = ("kd_plain", "dkd_mdistiller", "aekt_reference")
-E2E_METHODS: tuple[str, ...] = ("ce_only", "kd_plain", "kd_fused", "dkd_fused", "aekt_fused", "aekt_reference")
+E2E_METHODS: tuple[str, ...] = (
+    "ce_only",
+    "kd_plain",
+    "kd_fused",
+    "dkd_fused",
+    "aekt_fused",
+    "aekt_reference",
+)
 
 MEMORY_TIER_NUMEL = 131072
 """``B·C`` from which a shape is in the "memory" tier of SPEC §5 (passes over memory dominate)."""
@@ -123,7 +131,12 @@ _REFERENCE_LIMIT = 0.5
 _O_B_BYTES_PER_SAMPLE = 64
 """Allowance per sample for the ``O(B)`` part of the saved-bytes bound (eight 8-byte scalars per row)."""
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -258,7 +271,9 @@ def kernel_methods(*, temperature: float, alpha: float, beta: float) -> dict[str
     ref_kw = no_checks(reference.aekt_loss)
     return {
         "kd_plain": lambda z, v, y: kd_plain(z, v, temperature),
-        "dkd_mdistiller": lambda z, v, y: dkd_mdistiller(z, v, y, alpha=alpha, beta=beta, temperature=temperature),
+        "dkd_mdistiller": lambda z, v, y: dkd_mdistiller(
+            z, v, y, alpha=alpha, beta=beta, temperature=temperature
+        ),
         "aekt_reference": lambda z, v, y: reference.aekt_loss(
             z, v, y, temperature=temperature, alpha=alpha, beta=beta, **ref_kw
         ),
@@ -272,7 +287,11 @@ def kernel_methods(*, temperature: float, alpha: float, beta: float) -> dict[str
     }
 
 
-_AGREEMENT_PAIRS = (("kd_fused", "kd_plain"), ("dkd_fused", "dkd_mdistiller"), ("aekt_fused", "aekt_reference"))
+_AGREEMENT_PAIRS = (
+    ("kd_fused", "kd_plain"),
+    ("dkd_fused", "dkd_mdistiller"),
+    ("aekt_fused", "aekt_reference"),
+)
 
 
 def _make_inputs(batch: int, classes: int, *, device: torch.device, dtype: torch.dtype, seed: int):
@@ -402,7 +421,7 @@ def _summarise(times: dict[str, list[float]], baselines: Sequence[str]) -> dict[
         }
         for base in baselines:
             if base in times:
-                ratios = [a / b for a, b in zip(values, times[base])]
+                ratios = [a / b for a, b in zip(values, times[base], strict=True)]
                 entry[f"ratio_{base}"] = statistics.median(ratios)
                 entry[f"ratio_{base}_p25"] = _quantile(ratios, 0.25)
                 entry[f"ratio_{base}_p75"] = _quantile(ratios, 0.75)
@@ -433,7 +452,9 @@ def shape_tier(batch: int, classes: int) -> str:
     return "memory" if batch * classes >= MEMORY_TIER_NUMEL else "overhead"
 
 
-def _targets(batch: int, classes: int, methods: dict[str, dict[str, Any]], element_size: int) -> list[dict[str, Any]]:
+def _targets(
+    batch: int, classes: int, methods: dict[str, dict[str, Any]], element_size: int
+) -> list[dict[str, Any]]:
     """Pass/fail of the fused AEKT kernel against SPEC §5 at one shape."""
     if "aekt_fused" not in methods:
         return []
@@ -475,6 +496,15 @@ def _agreement(methods: dict[str, LossFn], z: Tensor, v: Tensor, y: Tensor) -> d
     return out
 
 
+def _kernel_step(fn: LossFn, z: Tensor, v: Tensor, y: Tensor) -> Callable[[], None]:
+    """One forward+backward of ``fn`` with respect to the student logits ``z``."""
+
+    def step() -> None:
+        torch.autograd.grad(fn(z, v, y), z)
+
+    return step
+
+
 def kernel_benchmark(
     shapes: Sequence[tuple[int, int]],
     *,
@@ -498,13 +528,7 @@ def kernel_benchmark(
     for batch, classes in shapes:
         z, v, y = _make_inputs(batch, classes, device=device, dtype=dtype, seed=seed)
 
-        def make_step(fn: LossFn) -> Callable[[], None]:
-            def step() -> None:
-                torch.autograd.grad(fn(z, v, y), z)
-
-            return step
-
-        steps = {name: make_step(fn) for name, fn in chosen.items()}
+        steps = {name: _kernel_step(fn, z, v, y) for name, fn in chosen.items()}
         times, calls = interleaved_timing(
             steps,
             rounds=rounds,
@@ -715,7 +739,12 @@ def benchmark(
         raise ValueError(f"methods: unknown {unknown}; choose from {list(KERNEL_METHODS)}")
     if not methods:
         raise ValueError("methods: choose at least one")
-    for name, value in (("threads", threads), ("rounds", rounds), ("e2e_rounds", e2e_rounds), ("e2e_batch", e2e_batch)):
+    for name, value in (
+        ("threads", threads),
+        ("rounds", rounds),
+        ("e2e_rounds", e2e_rounds),
+        ("e2e_batch", e2e_batch),
+    ):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if warmup < 0 or min_block_ms < 0:
@@ -864,6 +893,7 @@ def _fmt_ratio(entry: dict[str, Any], base: str) -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     """The benchmark result as markdown tables (environment first, then one table per shape)."""
     env, settings = result["environment"], result["settings"]
+    verdict = "PASS" if result["passed"] else "FAIL"
     lines = [
         "# `aekt bench` — loss-kernel benchmark",
         "",
@@ -875,9 +905,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- timing: {settings['timing']}; clock: {settings['clock']}; {settings['rounds']} rounds, "
         f"blocks ≥ {settings['min_block_ms']} ms. "
         "Ratios show median (interquartile range) of the paired per-round ratios.",
-        f"- saved = unique storages autograd keeps for backward (+ tensors stored on `ctx`); "
+        "- saved = unique storages autograd keeps for backward (+ tensors stored on `ctx`); "
         "`new` excludes the inputs themselves.",
-        f"- targets judged on: {result['targets_judged_on']}; overall: **{'PASS' if result['passed'] else 'FAIL'}**",
+        f"- targets judged on: {result['targets_judged_on']}; overall: **{verdict}**",
         "",
     ]
     for entry in result["kernel"]:
@@ -893,7 +923,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| `{name}` | {_fmt_time(m['median_s'])} | {_fmt_ratio(m, 'kd_plain')} | "
                 f"{_fmt_ratio(m, 'dkd_mdistiller')} | {_fmt_ratio(m, 'aekt_reference')} | "
-                f"{_fmt_bytes(m['saved_bytes_unique'] + m['ctx_attr_bytes'])} | {_fmt_bytes(m['saved_bytes_new'])} | "
+                f"{_fmt_bytes(m['saved_bytes_unique'] + m['ctx_attr_bytes'])} | "
+                f"{_fmt_bytes(m['saved_bytes_new'])} | "
                 f"{m['saved_tensors']} | {_fmt_bytes(m['peak_memory_bytes'])} |"
             )
         if entry["targets"]:
@@ -911,10 +942,12 @@ def to_markdown(result: dict[str, Any]) -> str:
     e2e = result.get("end_to_end")
     if e2e:
         lines += [
-            f"## End-to-end training step ({e2e['model']}, {e2e['parameters']} parameters, batch {e2e['batch']}"
-            f"×1×28×28, {e2e['num_classes']} classes, {e2e['optimizer']}, teacher forward not included)",
+            f"## End-to-end training step ({e2e['model']}, {e2e['parameters']} parameters, "
+            f"batch {e2e['batch']}×1×28×28, {e2e['num_classes']} classes, {e2e['optimizer']}, "
+            "teacher forward not included)",
             "",
-            "| loss next to CE | median step | overhead vs CE only | overhead vs kd_plain | overhead vs kd_fused |",
+            "| loss next to CE | median step | overhead vs CE only | overhead vs kd_plain "
+            "| overhead vs kd_fused |",
             "|---|---:|---:|---:|---:|",
         ]
         for name, m in e2e["methods"].items():
@@ -928,10 +961,16 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``aekt bench`` to ``parser`` (used by the ``aekt`` CLI and ``benchmarks/kernel.py``)."""
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default auto)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="logit dtype (default float32)")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for the run (default 1)")
+    """Add the options of ``aekt bench`` to ``parser`` (used by the ``aekt`` CLI and benchmarks/kernel.py)."""
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda or auto (cuda when available; default auto)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(_DTYPES), help="logit dtype (default float32)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads for the run (default 1)"
+    )
     parser.add_argument(
         "--shapes",
         default=",".join(f"{b}x{c}" for b, c in DEFAULT_SHAPES),
@@ -945,9 +984,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
     parser.add_argument("--alpha", type=float, default=1.0, help="α of DKD/AEKT (default 1)")
     parser.add_argument("--beta", type=float, default=8.0, help="β of DKD/AEKT (default 8)")
-    parser.add_argument("--rounds", type=int, default=51, help="interleaved timing rounds per shape (default 51)")
+    parser.add_argument(
+        "--rounds", type=int, default=51, help="interleaved timing rounds per shape (default 51)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="warm-up calls per method (default 5)")
-    parser.add_argument("--min-block-ms", type=float, default=5.0, help="minimum length of a timed block (default 5)")
+    parser.add_argument(
+        "--min-block-ms", type=float, default=5.0, help="minimum length of a timed block (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and of the shuffled order")
     parser.add_argument(
         "--clock",
@@ -956,13 +999,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="CPU timer: cpu = CPU time of the timing thread, unaffected by other processes taking the core "
         "(default); wall = time.perf_counter. CUDA always uses events",
     )
-    parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step")
+    parser.add_argument(
+        "--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end training step"
+    )
     parser.add_argument("--e2e-batch", type=int, default=128, help="images per training step (default 128)")
     parser.add_argument("--e2e-classes", type=int, default=100, help="classes of the CNN head (default 100)")
     parser.add_argument("--e2e-rounds", type=int, default=21, help="interleaved rounds of the training step")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result as JSON")
-    parser.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="write the markdown tables")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a SPEC §5 target fails")
+    parser.add_argument(
+        "--markdown", type=Path, default=None, metavar="PATH", help="write the markdown tables"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit with status 1 when a SPEC §5 target fails"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no table on stdout")
     return parser
 
@@ -970,9 +1019,28 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run_bench(args: argparse.Namespace) -> int:
     """Run ``aekt bench`` from parsed arguments; print the table, write ``--json``/``--markdown``.
 
-    Returns the exit status: 0, or 1 with ``--strict`` when a target of SPEC §5 is missed.
+    Returns the exit status: 0; 1 with ``--strict`` when a target of SPEC §5 is missed; 2 on a bad option
+    (the message, naming the option, goes to stderr).
     """
-    result = benchmark(
+    try:
+        result = _benchmark_from_args(args)
+    except ValueError as exc:
+        print(f"aekt bench: error: {exc}", file=sys.stderr)
+        return 2
+    table = to_markdown(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n", encoding="utf-8")
+    if not args.quiet:
+        print(table)
+    return 1 if (args.strict and not result["passed"]) else 0
+
+
+def _benchmark_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return benchmark(
         shapes=parse_shapes(args.shapes),
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         device=args.device,
@@ -992,27 +1060,14 @@ def run_bench(args: argparse.Namespace) -> int:
         e2e_rounds=args.e2e_rounds,
         progress=not args.quiet,
     )
-    table = to_markdown(result)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n", encoding="utf-8")
-    if not args.quiet:
-        print(table)
-    return 1 if (args.strict and not result["passed"]) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m aekt_plugin.bench`` / ``benchmarks/kernel.py``: the same as ``aekt bench``."""
-    parser = add_bench_arguments(argparse.ArgumentParser(prog="aekt bench", description=__doc__.split("\n\n")[0]))
-    args = parser.parse_args(argv)
-    try:
-        return run_bench(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 2  # pragma: no cover - parser.error exits
+    parser = add_bench_arguments(
+        argparse.ArgumentParser(prog="aekt bench", description=__doc__.split("\n\n")[0])
+    )
+    return run_bench(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,10 +33,12 @@ def test_kd_plain_is_temperature_squared_kl_of_teacher_to_student(temperature: f
     torch.testing.assert_close(kd_plain(z, v, temperature), expected, rtol=1e-12, atol=1e-12)
 
 
-def _dkd_by_hand(z: list[list[float]], v: list[list[float]], t: list[int], alpha: float, beta: float, T: float) -> float:
+def _dkd_by_hand(
+    z: list[list[float]], v: list[list[float]], t: list[int], alpha: float, beta: float, T: float
+) -> float:
     """DKD from SPEC §2 with plain Python floats: T²·mean(α·KL(b^T‖b^S) + β·KL(q̂‖p̂))."""
     total = 0.0
-    for zs, vs, target in zip(z, v, t):
+    for zs, vs, target in zip(z, v, t, strict=True):
         ez = [math.exp(x / T) for x in zs]
         ev = [math.exp(x / T) for x in vs]
         p = [e / sum(ez) for e in ez]
@@ -103,13 +105,23 @@ def test_saved_bytes_counts_each_save_and_deduplicates_storage() -> None:
     x = torch.randn(4, 3, requires_grad=True)  # 48 bytes
     # x * x saves both operands, which are the same input tensor.
     saved = bench.count_saved_bytes(lambda t: (t * t).sum(), x)
-    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (2, 96, 48, 0)
+    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (
+        2,
+        96,
+        48,
+        0,
+    )
 
 
 def test_saved_bytes_counts_a_new_result_tensor() -> None:
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)  # 96 bytes
     saved = bench.count_saved_bytes(lambda t: t.exp().sum(), x)  # exp saves its result, a new tensor
-    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (1, 96, 96, 96)
+    assert (saved.saved_tensors, saved.saved_bytes, saved.saved_bytes_unique, saved.saved_bytes_new) == (
+        1,
+        96,
+        96,
+        96,
+    )
 
 
 class _StashOnCtx(torch.autograd.Function):
@@ -191,7 +203,9 @@ def test_bench_json_states_environment_and_settings(small_result: tuple[dict, st
     assert isinstance(result["passed"], bool)
 
 
-def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(small_result: tuple[dict, str]) -> None:
+def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
+    small_result: tuple[dict, str],
+) -> None:
     result, _ = small_result
     (entry,) = result["kernel"]
     assert entry["shape"] == [16, 10] and entry["tier"] == "overhead"
@@ -205,8 +219,15 @@ def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(small_res
     for m in entry["methods"].values():  # "new" leaves out the inputs' storages, never adds any
         assert m["saved_bytes_new"] <= m["saved_bytes_unique"]
     names = {c["name"] for c in entry["targets"]}
-    assert {"time / kd_plain", "time / dkd_mdistiller", "time / aekt_reference", "saved bytes / kd_plain"} <= names
-    assert all(isinstance(c["passed"], bool) and c["passed"] == (c["value"] <= c["limit"]) for c in entry["targets"])
+    assert {
+        "time / kd_plain",
+        "time / dkd_mdistiller",
+        "time / aekt_reference",
+        "saved bytes / kd_plain",
+    } <= names
+    assert all(
+        isinstance(c["passed"], bool) and c["passed"] == (c["value"] <= c["limit"]) for c in entry["targets"]
+    )
     for diffs in entry["agreement"].values():
         assert diffs["loss_abs_diff"] < 1e-4 and diffs["grad_max_abs_diff"] < 1e-5
 
@@ -248,6 +269,14 @@ def test_parse_shapes_reads_bxc_lists_and_names_the_option_on_error() -> None:
     assert bench.parse_shapes("64x100, 512X1000") == [(64, 100), (512, 1000)]
     with pytest.raises(ValueError, match="--shapes"):
         bench.parse_shapes("64by100")
+
+
+def test_run_bench_reports_a_bad_option_by_name_with_exit_status_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = bench.add_bench_arguments(argparse.ArgumentParser())
+    assert bench.run_bench(parser.parse_args(["--quiet", "--shapes=64by100"])) == 2
+    assert "--shapes" in capsys.readouterr().err
 
 
 def test_strict_mode_turns_a_missed_target_into_exit_status_1(monkeypatch: pytest.MonkeyPatch) -> None:
