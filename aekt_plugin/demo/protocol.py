@@ -49,14 +49,14 @@ SETTINGS: dict[str, Setting] = {
     "fashion-mnist": Setting(
         "fashion-mnist",
         {"n_train": 10_000, "n_val": 1_000, "n_test": 10_000, "seed": 0},
-        TrainConfig(model="fmnist-teacher", epochs=10, lr=0.05, warmup_epochs=0),
-        TrainConfig(model="fmnist-student", epochs=8, lr=0.05, warmup_epochs=1),
+        TrainConfig(model="fmnist-teacher", epochs=8, lr=0.05, warmup_epochs=0),
+        TrainConfig(model="fmnist-student", epochs=6, lr=0.05, warmup_epochs=1),
     ),
     "fmnist100": Setting(
         "fmnist100",
         {"n_train": 10_000, "n_val": 1_000, "n_test": 10_000, "seed": 0},
         TrainConfig(model="fmnist100-teacher", epochs=15, lr=0.05, warmup_epochs=0),
-        TrainConfig(model="fmnist100-student", epochs=8, lr=0.05, warmup_epochs=1),
+        TrainConfig(model="fmnist100-student", epochs=6, lr=0.05, warmup_epochs=1),
     ),
 }
 
