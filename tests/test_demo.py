@@ -224,10 +224,15 @@ def test_results_round_trip_non_finite_accuracy(tmp_path: Path) -> None:
     assert math.isnan(back["runs"][1]["accuracy"]) and back["summary"]["A"]["n_collapsed"] == 1
 
 
-def test_demo_rejects_bad_options() -> None:
+def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from aekt_plugin.demo import run_demo
 
-    with pytest.raises(ValueError, match="--threads"):
-        run_demo(["--threads", "0", "--tiny"])
-    with pytest.raises(SystemExit):
-        run_demo(["--dataset", "cifar100"])
+    for bad in (["--threads", "0"], ["--epochs", "-1"], ["--seeds", "x"], ["--dataset", "cifar100"]):
+        with pytest.raises(SystemExit) as exc:
+            run_demo([*bad, "--tiny"])
+        assert exc.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+    import argparse
+
+    with pytest.raises(ValueError, match="--threads"):  # a namespace built by hand is checked too
+        run_demo(argparse.Namespace(threads=0, epochs=None))

@@ -166,17 +166,27 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``aekt demo`` to ``parser`` (the ``aekt`` CLI's sub-command parser)."""
     parser.add_argument("--dataset", choices=sorted(SETTINGS), default="digits",
                         help="digits (scikit-learn, default), fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)")
     parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("3"),
                         help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the dataset's setting)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="student epochs (default: the dataset's setting)")
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA,
                         help=f"β of DKD and AEKT (default {SMALL_PROBLEM_BETA}; 8 can collapse small students)")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json, results.md and results.png here")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-cache", action="store_true", help="retrain the teacher instead of using the cache")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long setting (tiny models, 2 epochs) for smoke tests")
