@@ -326,6 +326,11 @@ class AEKTStudent(nn.Module):
         if not isinstance(head, Tensor) or head.ndim != 2:
             shape = tuple(head.shape) if isinstance(head, Tensor) else type(head).__name__
             raise TypeError(f"{type(self.model).__name__} must return (B, num_classes) logits, got {shape}")
+        if head.shape[1] != self.num_classes:
+            raise ValueError(
+                f"{type(self.model).__name__} returned {head.shape[1]} values per sample but has "
+                f"num_classes={self.num_classes}: its output is not the classifier's logits"
+            )
         return head
 
     def _route(self, head: object) -> Tensor | tuple[Tensor, Tensor]:
@@ -688,6 +693,28 @@ class AEKTDistillationTask(TrainingTask):
             raise TypeError(f"the student must return logits, got {type(output).__name__}")
         return output, output
 
+    def _teacher_input(self, input: Tensor) -> Tensor:
+        """Renormalise from the student's mean/std to the teacher's, as timm's tasks do.
+
+        timm's ``pretrained_cfg`` stats have 3 entries even for ``in_chans=1`` models; for 1-channel input
+        each set is averaged to one value (timm's own ``normalize_input`` would broadcast a grey image to
+        three channels). Other channel mismatches are refused.
+        """
+        s_mean, s_std = self.student_mean, self.student_std
+        t_mean, t_std = self.teacher.mean_kd, self.teacher.std_kd
+        if torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std):
+            return input
+        channels = input.shape[1] if input.ndim == 4 else None
+        if channels == s_mean.shape[1] == t_mean.shape[1]:
+            return self.teacher.normalize_input(input, s_mean, s_std)
+        if channels == 1:
+            s_mean, s_std, t_mean, t_std = (t.mean(1, keepdim=True) for t in (s_mean, s_std, t_mean, t_std))
+            return (input * s_std + s_mean - t_mean) / t_std
+        raise ValueError(
+            f"input has {channels} channels but the student/teacher pretrained_cfg mean/std have "
+            f"{s_mean.shape[1]}/{t_mean.shape[1]}; set matching 'mean'/'std' in the models' pretrained_cfg"
+        )
+
     def forward(self, input: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Return ``{"loss", "output" (z_cls), "task_loss", "kd_loss"}`` for one batch.
 
@@ -706,8 +733,7 @@ class AEKTDistillationTask(TrainingTask):
         task_loss = self.criterion(z_cls, target)
 
         with torch.no_grad():
-            input_kd = self.teacher.normalize_input(input, self.student_mean, self.student_std)
-            teacher_logits = self.teacher(input_kd.detach())
+            teacher_logits = self.teacher(self._teacher_input(input).detach())
 
         kd_loss = warm * aekt_loss(
             z_kd, teacher_logits, target, validate_args=self.validate_args, **self.loss_kwargs
