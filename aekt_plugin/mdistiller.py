@@ -46,7 +46,6 @@ import runpy
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import DEFAULTS, SerialLayer, aekt_loss, check_order, dkd_loss, split_logits, warmup_factor
+from . import DEFAULTS, SerialLayer, aekt_loss, check_order, configs, dkd_loss, split_logits, warmup_factor
 from ._validation import check_non_negative, check_positive
 
 __all__ = [
@@ -82,8 +81,7 @@ _CLASS_NAMES = {"AEKT": "AEKT", "DKD_FUSED": "DKDFused"}
 # nn.Sequential ending in the Linear for MobileNetV2) or ``linear`` (ShuffleNets, CIFAR ResNet50/18).
 _CLASSIFIER_NAMES = ("fc", "classifier", "linear")
 
-_CONFIG_PACKAGE = "aekt_plugin"
-_CONFIG_DIR = ("configs", "mdistiller")
+_TOOLKIT = "mdistiller"
 
 _INSTALL_HINTS = {
     "scipy": "pip install scipy  (mdistiller.distillers imports it for OFD)",
@@ -481,13 +479,6 @@ def __getattr__(name: str) -> type:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _config_root() -> Any:
-    root = resources.files(_CONFIG_PACKAGE)
-    for part in _CONFIG_DIR:
-        root = root.joinpath(part)
-    return root
-
-
 def list_configs() -> list[str]:
     """Names of the shipped mdistiller configs, ``"<dataset>/<teacher>_<student>"`` like mdistiller's.
 
@@ -496,31 +487,15 @@ def list_configs() -> list[str]:
         >>> "cifar100/res32x4_res8x4" in list_configs()
         True
     """
-    names = []
-    root = _config_root()
-    for dataset in sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.name):
-        for entry in sorted(dataset.iterdir(), key=lambda e: e.name):
-            if entry.is_file() and entry.name.endswith(".yaml"):
-                names.append(f"{dataset.name}/{entry.name[: -len('.yaml')]}")
-    return names
-
-
-def _config_resource(name: str) -> Any:
-    key = name[: -len(".yaml")] if name.endswith(".yaml") else name
-    available = list_configs()
-    if key not in available:
-        raise ValueError(f"no shipped mdistiller config named {name!r}; shipped: {', '.join(available)}")
-    dataset, stem = key.split("/")
-    return _config_root().joinpath(dataset).joinpath(f"{stem}.yaml")
+    return configs.list_configs(_TOOLKIT)
 
 
 def read_config(name: str) -> str:
     """The yaml text of the shipped config ``name`` (e.g. ``"cifar100/res32x4_res8x4"``)."""
-    return _config_resource(name).read_text(encoding="utf-8")
+    return configs.read_config(_TOOLKIT, name)
 
 
-@contextlib.contextmanager
-def config_file(name: str) -> Iterator[Path]:
+def config_file(name: str) -> contextlib.AbstractContextManager[Path]:
     """A file-system path to the shipped config ``name``, for yacs' ``merge_from_file``.
 
     Examples::
@@ -528,8 +503,7 @@ def config_file(name: str) -> Iterator[Path]:
         with config_file("cifar100/res32x4_res8x4") as path:
             CFG.merge_from_file(str(path))
     """
-    with resources.as_file(_config_resource(name)) as path:
-        yield Path(path)
+    return configs.config_file(_TOOLKIT, name)
 
 
 # --------------------------------------------------------------------------------------------------------
