@@ -237,8 +237,14 @@ def test_bench_json_has_the_end_to_end_overhead(small_result: tuple[dict, str]) 
     e2e = result["end_to_end"]
     assert e2e["image_shape"] == [1, 28, 28] and e2e["batch"] == 8 and e2e["num_classes"] == 10
     assert set(e2e["methods"]) == set(bench.E2E_METHODS)
-    aekt = e2e["methods"]["aekt_fused"]
+    aekt, kd = e2e["methods"]["aekt_fused"], e2e["methods"]["kd_plain"]
     assert aekt["overhead_vs_kd_plain_percent"] == pytest.approx(100 * (aekt["ratio_kd_plain"] - 1))
+    expected = 100 * (aekt["loss_only_median_s"] - kd["loss_only_median_s"]) / kd["median_s"]
+    assert aekt["estimated_overhead_vs_kd_plain_percent"] == pytest.approx(expected)
+    assert (
+        0 < aekt["loss_share_percent"] == pytest.approx(100 * aekt["loss_only_median_s"] / aekt["median_s"])
+    )
+    assert "loss_only_median_s" not in e2e["methods"]["ce_only"]
 
 
 def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result: tuple[dict, str]) -> None:
