@@ -31,23 +31,50 @@ incoming gradient. Double backward is not supported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 
-class TargetStats(NamedTuple):
-    """Log-space target/non-target statistics of one batch, each a column of shape ``(B, 1)``."""
+class TargetStats:
+    """Log-space target/non-target statistics of one batch, read by the weight rules.
 
-    log_p_t: Tensor
-    log_1m_p_t: Tensor
-    log_q_t: Tensor
-    log_1m_q_t: Tensor
+    ``log_binary[0]`` holds ``[log p_t, log(1 - p_t)]`` and ``log_binary[1]`` ``[log q_t, log(1 - q_t)]``
+    per sample; ``log_ratio = log b^T - log b^S``. Each property is a column of shape ``(B, 1)``, sliced
+    only when a rule asks for it (small batches pay per operation).
+    """
+
+    __slots__ = ("log_binary", "log_ratio")
+
+    def __init__(self, log_binary: Tensor, log_ratio: Tensor) -> None:
+        self.log_binary = log_binary
+        self.log_ratio = log_ratio
+
+    @property
+    def log_p_t(self) -> Tensor:
+        return self.log_binary[0, :, :1]
+
+    @property
+    def log_1m_p_t(self) -> Tensor:
+        return self.log_binary[0, :, 1:]
+
+    @property
+    def log_q_t(self) -> Tensor:
+        return self.log_binary[1, :, :1]
+
+    @property
+    def log_1m_q_t(self) -> Tensor:
+        return self.log_binary[1, :, 1:]
+
+    @property
+    def log_target_ratio(self) -> Tensor:
+        """``log(q_t / p_t)``."""
+        return self.log_ratio[:, :1]
 
 
 WeightRule = Callable[[TargetStats], "tuple[Tensor | float, Tensor | float]"]
 """Maps the target statistics of a batch to the per-sample weights ``(a, b)`` of (D1)."""
+
+_COMPUTE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32}
 
 
 def decoupled_forward(
@@ -64,7 +91,12 @@ def decoupled_forward(
     ``student_logits``/``teacher_logits`` are ``(B, C)``, ``target`` int64 ``(B,)``. The loss is returned in
     ``float32`` (or ``float64`` for double inputs); the gradient in the student's dtype.
     """
-    compute_dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    # float64 if either input is float64, else float32 (half precision is computed in float32).
+    compute_dtype = max(
+        _COMPUTE_DTYPE.get(student_logits.dtype, torch.float32),
+        _COMPUTE_DTYPE.get(teacher_logits.dtype, torch.float32),
+        key=lambda dtype: dtype.itemsize,
+    )
     num_samples, num_classes = student_logits.shape
     # Student (index 0) and teacher (index 1) share one buffer, so each row operation below runs once for
     # both, which matters for small batches where the cost is per operation. The caller's logits are only read.
@@ -95,25 +127,26 @@ def decoupled_forward(
     log_binary.sub_(torch.logaddexp(lse_non_target, logit_t))
     binary = log_binary.exp()
     log_b_s, log_b_t = log_binary.unbind(0)
-    stats = TargetStats(log_b_s[:, :1], log_b_s[:, 1:], log_b_t[:, :1], log_b_t[:, 1:])
+    b_s, b_t = binary.unbind(0)
+    log_ratio = log_b_t - log_b_s
 
-    tckd = (binary[1] * (log_b_t - log_b_s)).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
-    log_s_z, log_s_v = log_s.unbind(0)
-    s_z, s_v = non_target_sum.unbind(0)
-    nckd = cross.div_(s_v).add_(log_s_z).sub_(log_s_v)  # (N3)
-    a, b = weight_rule(stats)
-    loss = (a * tckd + b * nckd).mul_(temperature**2).view(-1)
+    tckd = (b_t * log_ratio).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
+    inv_s_z, inv_s_v = non_target_sum.reciprocal_().unbind(0)
+    nckd = cross.mul_(inv_s_v).sub_(log_s[1]).add_(log_s[0])  # (N3)
+    a, b = weight_rule(TargetStats(log_binary, log_ratio))
+    loss = (a * tckd).add_(nckd, alpha=b) if isinstance(b, float) else a * tckd + b * nckd
+    loss = loss.mul_(temperature**2).view(-1)
     if grad_scale is None:
         return loss, None
 
     scale = grad_scale * temperature
-    target_gap = a * (binary[0, :, :1] - binary[1, :, :1])  # a (p_t - q_t)
+    target_gap = (b_s[:, :1] - b_t[:, :1]).mul_(a)  # a (p_t - q_t)
     # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j] with p̂_j = exps_j / s_z, q̂_j = exps_j / s_v, built in the
     # teacher's buffer so that the saved gradient owns exactly one B×C storage.
-    grad = teacher_exps.mul_(s_v.reciprocal().mul_(-scale * b))
-    grad.addcmul_(student_exps, (b - target_gap).div_(s_z).mul_(scale))
+    grad = teacher_exps.mul_(inv_s_v.mul_(-scale * b))
+    grad.addcmul_(student_exps, inv_s_z.mul_(b - target_gap).mul_(scale))
     grad.scatter_(1, target.view(-1, 1), target_gap.mul_(scale))  # (G1)
-    return loss, grad.to(student_logits.dtype)
+    return loss, grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
 
 
 class DecoupledKDFunction(torch.autograd.Function):

@@ -155,8 +155,7 @@ def prepare_rows(
 ) -> Rows:
     """Run every check of SPEC §7 and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows.
 
-    The teacher is detached here: its logits never receive a gradient. ``target=None`` (KD only, whose
-    value does not depend on it) stands for class 0 everywhere.
+    ``target=None`` (KD only, whose value does not depend on it) stands for class 0 everywhere.
     """
     check_logits(student_logits, teacher_logits)
     temperature = check_positive("temperature", temperature)
@@ -170,7 +169,7 @@ def prepare_rows(
         check_values(student_logits, teacher_logits, target)
     return Rows(
         student=_as_rows(student_logits),
-        teacher=_as_rows(teacher_logits.detach()),
+        teacher=_as_rows(teacher_logits),
         classes=classes.reshape(-1),
         sample_shape=sample_shape,
         temperature=temperature,

@@ -84,10 +84,10 @@ def _aekt_weights(
     The ratio is formed in log space, ``exp(min(log q_t - log p_t, log w_max))``, so an underflowing
     ``p_t`` gives ``w_max`` rather than ``inf``. It is a stop-gradient constant (derivations, eq. (12)).
     """
-    ratio = torch.clamp(stats.log_q_t - stats.log_p_t, max=math.log(max_weight)).exp()
+    ratio = stats.log_target_ratio.clamp(max=math.log(max_weight)).exp_()
     if normalize_weight:
-        ratio = ratio / ratio.mean().clamp_min(torch.finfo(ratio.dtype).tiny)
-    return alpha * ratio, beta
+        ratio = ratio.div_(ratio.mean().clamp_min_(torch.finfo(ratio.dtype).tiny))
+    return (ratio.mul_(alpha) if alpha != 1.0 else ratio), beta
 
 
 def _decoupled_loss(

@@ -34,7 +34,7 @@ class Decomposition(NamedTuple):
 def decompose(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float) -> Decomposition:
     """TCKD and NCKD of every sample, from ``(B, C)`` logits and int64 targets ``(B,)``."""
     z = student_logits / temperature
-    v = teacher_logits / temperature
+    v = teacher_logits.detach() / temperature  # the teacher's logits never receive a gradient
     is_target = F.one_hot(target, z.shape[1]).bool()
 
     log_p_t = z.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
