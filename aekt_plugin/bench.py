@@ -69,6 +69,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -685,6 +686,29 @@ def end_to_end_benchmark(
 # --------------------------------------------------------------------------------------------------------
 
 
+def _source_revision() -> str | None:
+    """Git commit of the measured ``aekt_plugin`` sources (``+dirty`` if they differ), in a checkout."""
+    package_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(package_dir), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(package_dir), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit or None
+
+
 def _environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict[str, Any]:
     import aekt_plugin
 
@@ -699,6 +723,7 @@ def _environment(device: torch.device, dtype: torch.dtype, threads: int) -> dict
         "python": platform.python_version(),
         "platform": platform.platform(),
         "aekt_plugin": getattr(aekt_plugin, "__version__", None),
+        "aekt_plugin_revision": _source_revision(),
         "timestamp": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -917,7 +942,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"- device: **{env['device']}** ({env['device_name']}), dtype **{env['dtype']}**, "
         f"threads **{env['threads']}**, torch {env['torch']}, Python {env['python']}, "
-        f"aekt-plugin {env.get('aekt_plugin')}, {env['timestamp']}",
+        f"aekt-plugin {env.get('aekt_plugin')} ({env.get('aekt_plugin_revision') or 'no git revision'}), "
+        f"{env['timestamp']}",
         f"- loss settings: T={settings['temperature']}, α={settings['alpha']}, β={settings['beta']}, "
         f"AEKT {settings['aekt_defaults']}",
         f"- timing: {settings['timing']}; clock: {settings['clock']}; {settings['rounds']} rounds, "
