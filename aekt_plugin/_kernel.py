@@ -20,7 +20,8 @@ Everything is computed from log-sum-exps. With ``m = max_{k≠t} z_k/T`` and
 ``s = Σ_{k≠t} exp(z_k/T - m)`` (so ``s >= 1``: the largest non-target term is ``exp(0)``):
 
 * ``LSE_{k≠t}(z/T) = m + log s`` and ``LSE(z/T) = logaddexp(m + log s, z_t/T)``  (N1)
-* ``log p_t = z_t/T - LSE(z/T)``, ``log(1 - p_t) = LSE_{k≠t}(z/T) - LSE(z/T)``     (N2)
+* ``log p_t = z_t/T - LSE(z/T) = log σ(d)``, ``log(1 - p_t) = LSE_{k≠t}(z/T) - LSE(z/T) = log σ(-d)``
+  with the margin ``d = z_t/T - LSE_{k≠t}(z/T)``                                    (N2)
 * ``NCKD = Σ_{j≠t} q̂_j ((v_j - z_j)/T - m_v + m_z) - log s_v + log s_z``           (N3)
 
 so ``p_t`` may underflow to 0 or round to 1 without producing ``inf``. The gradient is formed during the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -122,9 +124,11 @@ def decoupled_forward(
     non_target_sum.sub_(1.0)
     log_s = non_target_sum.log()
     lse_non_target = non_target_max.add_(log_s)  # (N1)
-    # (N2): the binary log-distributions [log p_t, log(1 - p_t)] (index 0) and [log q_t, log(1 - q_t)] (1).
-    log_binary = torch.cat((logit_t, lse_non_target), dim=2)
-    log_binary.sub_(torch.logaddexp(lse_non_target, logit_t))
+    # (N2) with d = z_t/T - LSE_{k≠t}: log p_t = log σ(d), log(1 - p_t) = log σ(-d). The same differences
+    # of log-sum-exps, but log σ keeps full relative precision of a tiny 1 - p_t or p_t.
+    # Index 0 holds [log p_t, log(1 - p_t)], index 1 [log q_t, log(1 - q_t)].
+    target_margin = logit_t.sub_(lse_non_target)
+    log_binary = F.logsigmoid(torch.cat((target_margin, target_margin.neg()), dim=2))
     binary = log_binary.exp()
     log_b_s, log_b_t = log_binary.unbind(0)
     b_s, b_t = binary.unbind(0)
