@@ -687,7 +687,7 @@ def end_to_end_benchmark(
 
 
 def _source_revision() -> str | None:
-    """Git commit of the measured ``aekt_plugin`` sources (``+dirty`` if they differ), in a checkout."""
+    """Git commit of the measured ``aekt_plugin`` sources (``+dirty`` if a loaded module differs from it)."""
     package_dir = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -697,8 +697,13 @@ def _source_revision() -> str | None:
             timeout=10,
             check=True,
         ).stdout.strip()
+        loaded = sorted(  # only the package's modules this process imported (the kernel, the baselines, ...)
+            str(Path(module.__file__).resolve())
+            for name, module in list(sys.modules.items())
+            if name.startswith("aekt_plugin") and getattr(module, "__file__", None)
+        )
         dirty = subprocess.run(
-            ["git", "-C", str(package_dir), "status", "--porcelain", "--", "."],
+            ["git", "-C", str(package_dir), "status", "--porcelain", "--", *(loaded or ["."])],
             capture_output=True,
             text=True,
             timeout=10,
