@@ -54,10 +54,19 @@ if _version_tuple(timm.__version__) < _TIMM_MIN_VERSION:  # pragma: no cover - d
         f"aekt_plugin.timm needs timm >= 1.0.23 (timm.task.TrainingTask); found timm {timm.__version__}"
     )
 
+import inspect  # noqa: E402
+
 from timm.models import group_parameters  # noqa: E402
 from timm.task import DistillationTeacher, TrainingTask  # noqa: E402
-from timm.task.classification import resolve_classification_loss  # noqa: E402
 from timm.utils import unwrap_model  # noqa: E402
+
+try:  # timm >= 1.0.29
+    from timm.task.classification import resolve_classification_loss
+except ImportError:  # timm 1.0.23 - 1.0.28: plain cross-entropy, or the criterion given
+    resolve_classification_loss = None
+
+# timm 1.0.23 - 1.0.24 build a DistillationTeacher from a model name only; 1.0.25 takes a module too.
+_TEACHER_TAKES_MODULE = "model_name_or_module" in inspect.signature(DistillationTeacher.__init__).parameters
 
 __all__ = ["AEKTDistillationTask", "AEKTStudent", "create_student"]
 
@@ -411,6 +420,30 @@ def create_student(
     return AEKTStudent(model, order=order, residual=residual, serial_weight_decay=serial_weight_decay)
 
 
+def _resolve_criterion(
+    criterion: nn.Module | Callable | None, criterion_kwargs: dict[str, Any] | None, device: torch.device
+) -> nn.Module | Callable:
+    """timm's ``resolve_classification_loss`` where it exists (timm >= 1.0.29), else the same rule by hand."""
+    if resolve_classification_loss is not None:
+        return resolve_classification_loss(criterion, device, criterion_kwargs=criterion_kwargs)
+    if criterion_kwargs:
+        raise ValueError(f"criterion_kwargs needs timm >= 1.0.29, found {timm.__version__}; pass criterion=")
+    criterion = nn.CrossEntropyLoss() if criterion is None else criterion  # takes hard and soft targets
+    return criterion.to(device=device) if isinstance(criterion, nn.Module) else criterion
+
+
+def _teacher_from_module(model: nn.Module, device: torch.device, dtype: torch.dtype) -> DistillationTeacher:
+    """A DistillationTeacher around a module on timm < 1.0.25, whose constructor takes a name only."""
+    teacher = DistillationTeacher.__new__(DistillationTeacher)
+    nn.Module.__init__(teacher)
+    teacher.model = model.eval()
+    cfg = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    for name, key, default in (("mean_kd", "mean", _IMAGENET_MEAN), ("std_kd", "std", _IMAGENET_STD)):
+        stat = torch.tensor(cfg.get(key, default), device=device, dtype=dtype).view(1, -1, 1, 1)
+        teacher.register_buffer(name, stat, persistent=False)
+    return teacher
+
+
 def _cfg_stat(model: nn.Module, key: str, default: tuple[float, ...]) -> tuple[float, ...]:
     cfg = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
     return tuple(cfg.get(key, default))
@@ -534,9 +567,7 @@ class AEKTDistillationTask(TrainingTask):
         if isinstance(student, AEKTStudent):
             student.set_distilled_training(True)
         self.trainable_module = student_model
-        self.criterion = resolve_classification_loss(
-            criterion, self.device, criterion_kwargs=criterion_kwargs
-        )
+        self.criterion = _resolve_criterion(criterion, criterion_kwargs, self.device)
         self.ce_weight = float(ce_weight)
         self.warmup_epochs = float(warmup_epochs)
         self.updates_per_epoch = updates_per_epoch
@@ -577,14 +608,23 @@ class AEKTDistillationTask(TrainingTask):
             )
         if isinstance(teacher, AEKTStudent):
             teacher = teacher.fold()
+        if isinstance(teacher, nn.Module) and not _TEACHER_TAKES_MODULE:
+            return _teacher_from_module(teacher, self.device, self.dtype)
+        kwargs: dict[str, Any] = {}
+        if cfg_overlay:
+            if not _TEACHER_TAKES_MODULE:
+                raise ValueError(
+                    f"teacher_pretrained_cfg_overlay needs timm >= 1.0.25, found {timm.__version__}"
+                )
+            kwargs["pretrained_cfg_overlay"] = cfg_overlay
         return DistillationTeacher(
             teacher,
             num_classes=student.num_classes,
             in_chans=getattr(student, "in_chans", 3),
             pretrained_path=pretrained_path,
-            pretrained_cfg_overlay=cfg_overlay,
             device=self.device,
             dtype=self.dtype,
+            **kwargs,
         )
 
     # --- warm-up clock -----------------------------------------------------------------------------
@@ -595,7 +635,8 @@ class AEKTDistillationTask(TrainingTask):
 
     def update_ema(self, step: int | None = None) -> None:
         """timm's per-update hook: update the EMA (if any) and take ``step`` as the update count."""
-        super().update_ema(step=step)
+        if hasattr(TrainingTask, "update_ema"):  # timm >= 1.0.27
+            super().update_ema(step=step)
         if step is not None:
             self.step_update(step)
 
@@ -667,16 +708,30 @@ class AEKTDistillationTask(TrainingTask):
             self.trainable_module, backend=backend, mode=mode, **compile_kwargs
         )
         self.eval_model = self.trainable_module
-        self.teacher.compile(
-            backend=backend, mode=mode, compile_model=True, compile_features=False, **compile_kwargs
-        )
+        self.teacher.model = torch.compile(self.teacher.model, backend=backend, mode=mode, **compile_kwargs)
         return self.trainable_module
 
     def get_clip_parameters(self, exclude_head: bool = False):
         student = unwrap_model(self.trainable_module)
-        if not exclude_head or not isinstance(student, AEKTStudent):
+        if exclude_head and isinstance(student, AEKTStudent):
+            return list(student.model.parameters())[:-2]
+        if hasattr(TrainingTask, "get_clip_parameters"):
             return super().get_clip_parameters(exclude_head=exclude_head)
-        return list(student.model.parameters())[:-2]
+        parameters = list(self.trainable_module.parameters())
+        return parameters[:-2] if exclude_head else parameters
+
+    if not hasattr(TrainingTask, "get_trainable_module"):  # timm < 1.0.27
+
+        def get_trainable_module(self, ema: bool = False) -> nn.Module | None:
+            """The module that owns the trainable parameters (the student)."""
+            return getattr(self, "trainable_module_ema", None) if ema else self.trainable_module
+
+        def get_eval_model(self, module: nn.Module | None = None, ema: bool = False) -> nn.Module | None:
+            """The model used for validation: the student, in eval mode returning ``z_cls``."""
+            if module is not None:
+                return module
+            eval_model = getattr(self, "eval_model", None)
+            return eval_model if eval_model is not None else self.get_trainable_module(ema=ema)
 
     def _student_logits(self, input: Tensor) -> tuple[Tensor, Tensor]:
         student = unwrap_model(self.trainable_module)

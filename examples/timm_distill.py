@@ -34,6 +34,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationTask, LogitDistillationTask
 from timm.utils import AverageMeter, accuracy
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -124,9 +125,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return top1.avg
 
 
-def train(task, loader, args, epochs: int, desc: str, mixup: Mixup | None = None) -> None:
-    """timm-style loop: task(input, target) -> dict of losses; LR stepped per update."""
-    model = task.get_trainable_module()
+def train(task, model, loader, args, epochs: int, desc: str, mixup: Mixup | None = None) -> None:
+    """timm-style loop: task(input, target) -> dict of losses; LR stepped per update. ``model`` is the
+    task's trainable module (``task.get_trainable_module()`` on timm >= 1.0.27)."""
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     scheduler, _ = create_scheduler_v2(
         optimizer, "cosine", num_epochs=epochs, step_on_epochs=False, updates_per_epoch=len(loader)
@@ -145,7 +146,8 @@ def train(task, loader, args, epochs: int, desc: str, mixup: Mixup | None = None
             optimizer.step()
             num_updates += 1
             scheduler.step_update(num_updates=num_updates)
-            task.update_ema(step=num_updates)  # timm's per-update hook; AEKT's warm-up clock reads it
+            if hasattr(task, "update_ema"):  # timm's per-update hook (timm >= 1.0.27; AEKT's task: any timm)
+                task.update_ema(step=num_updates)  # AEKT's warm-up clock reads the update count from it
             losses.update(result["loss"].item(), len(input))
             postfix = {"loss": f"{losses.avg:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.1e}"}
             if "kd_loss" in result:
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         f"timm {timm.__version__}, {args.threads} thread(s)"
     )
 
-    train(ClassificationTask(teacher, verbose=False), loader, args, args.teacher_epochs, "teacher")
+    teacher_task = ClassificationTask(teacher, nn.CrossEntropyLoss(), verbose=False)
+    train(teacher_task, teacher, loader, args, args.teacher_epochs, "teacher")
     results = {"teacher": evaluate(teacher, x_te, y_te)}
 
     student_state = {k: v.clone() for k, v in student_model.state_dict().items()}
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         student, teacher, temperature=args.temperature, beta=args.beta, warmup_epochs=args.warmup_epochs,
         updates_per_epoch=len(loader), verbose=False,
     )
-    train(task, loader, args, args.epochs, f"AEKT student ({args.order})", mixup)
+    train(task, student, loader, args, args.epochs, f"AEKT student ({args.order})", mixup)
     results[f"AEKT student ({args.order})"] = evaluate(student, x_te, y_te)
     deployable = student.fold()  # a plain timm VisionTransformer, serial layer folded into its head
     results["AEKT student, folded"] = evaluate(deployable, x_te, y_te)
@@ -226,8 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         baseline = make_student(args, stats)
         baseline.load_state_dict(student_state)  # same initial weights as the AEKT student
-        kd_task = LogitDistillationTask(baseline, teacher, temperature=args.temperature, verbose=False)
-        train(kd_task, loader, args, args.epochs, "KD student (timm)", mixup)
+        kd_task = LogitDistillationTask(
+            baseline, task.teacher, nn.CrossEntropyLoss(), temperature=args.temperature, verbose=False
+        )
+        train(kd_task, baseline, loader, args, args.epochs, "KD student (timm)", mixup)
         results["KD student (timm LogitDistillationTask)"] = evaluate(baseline, x_te, y_te)
 
     width = max(map(len, results))
