@@ -544,14 +544,16 @@ class AEKTDistillationTask(TrainingTask):
         # Check the loss options now, not at the first batch: one call on a dummy batch.
         aekt_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.loss_kwargs)
         for name, value in (("ce_weight", ce_weight), ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+            if not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if updates_per_epoch is not None and (
-            isinstance(updates_per_epoch, bool)
-            or not isinstance(updates_per_epoch, int)
-            or updates_per_epoch < 1
-        ):
-            raise ValueError(f"updates_per_epoch must be a positive int or None, got {updates_per_epoch!r}")
+        if updates_per_epoch is not None:
+            if isinstance(updates_per_epoch, bool) or not isinstance(updates_per_epoch, int):
+                kind = type(updates_per_epoch).__name__
+                raise TypeError(f"updates_per_epoch must be an int or None, got {kind}")
+            if updates_per_epoch < 1:
+                raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch!r}")
 
         self.teacher = self._resolve_teacher(
             teacher_model, student, teacher_pretrained_path, teacher_pretrained_cfg_overlay

@@ -325,6 +325,19 @@ def test_bad_task_options_are_refused(kwargs, match):
         AEKTDistillationTask(AEKTStudent(make_model("resnet")), make_model("resnet"), verbose=False, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ce_weight="1"), "ce_weight"),
+        (dict(warmup_epochs=None), "warmup_epochs"),
+        (dict(updates_per_epoch=2.5), "updates_per_epoch"),
+    ],
+)
+def test_wrongly_typed_task_options_are_refused(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        AEKTDistillationTask(AEKTStudent(make_model("resnet")), make_model("resnet"), verbose=False, **kwargs)
+
+
 def test_bad_teacher_type_is_refused():
     with pytest.raises(TypeError, match="teacher_model"):
         AEKTDistillationTask(AEKTStudent(make_model("resnet")), 42, verbose=False)
