@@ -76,9 +76,6 @@ class TargetStats:
 WeightRule = Callable[[TargetStats], "tuple[Tensor | float, Tensor | float]"]
 """Maps the target statistics of a batch to the per-sample weights ``(a, b)`` of (D1)."""
 
-_COMPUTE_DTYPE = {torch.float64: torch.float64, torch.float32: torch.float32}
-
-
 def decoupled_forward(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -93,19 +90,15 @@ def decoupled_forward(
     ``student_logits``/``teacher_logits`` are ``(B, C)``, ``target`` int64 ``(B,)``. The loss is returned in
     ``float32`` (or ``float64`` for double inputs); the gradient in the student's dtype.
     """
-    # float64 if either input is float64, else float32 (half precision is computed in float32).
-    compute_dtype = max(
-        _COMPUTE_DTYPE.get(student_logits.dtype, torch.float32),
-        _COMPUTE_DTYPE.get(teacher_logits.dtype, torch.float32),
-        key=lambda dtype: dtype.itemsize,
-    )
     num_samples, num_classes = student_logits.shape
     # Student (index 0) and teacher (index 1) share one buffer, so each row operation below runs once for
-    # both, which matters for small batches where the cost is per operation. The caller's logits are only read.
-    scaled = torch.empty((2, num_samples, num_classes), dtype=compute_dtype, device=student_logits.device)
+    # both, which matters for small batches where the cost is per operation. The caller's logits are only
+    # read. Half precision is computed in float32.
+    scaled = torch.stack((student_logits, teacher_logits))
+    if scaled.dtype not in (torch.float32, torch.float64):
+        scaled = scaled.float()
+    scaled.mul_(1.0 / temperature)
     scaled_z, scaled_v = scaled.unbind(0)
-    torch.div(student_logits, temperature, out=scaled_z)
-    torch.div(teacher_logits, temperature, out=scaled_v)
     index = target.view(1, num_samples, 1).expand(2, num_samples, 1)
     logit_t = scaled.gather(2, index)
     # Shift by the non-target maximum m. The target entry is set to m first, so it becomes exactly 0:
@@ -115,13 +108,14 @@ def decoupled_forward(
     scaled.scatter_(2, index, non_target_max)
     scaled.sub_(non_target_max)
 
-    teacher_exps = torch.exp(scaled_v)
-    shifted_gap = scaled_v.sub_(scaled_z)  # (v_j - z_j)/T - m_v + m_z, 0 at the target
-    cross = torch.bmm(teacher_exps.unsqueeze(1), shifted_gap.unsqueeze(2)).view(num_samples, 1)
-    student_exps = scaled_z.exp_()
-    # s = Σ_{k≠t} exp(·) >= 1; the row sums also hold the target's exp(0) = 1.
-    non_target_sum = torch.stack((student_exps.sum(dim=1, keepdim=True), teacher_exps.sum(dim=1, keepdim=True)))
-    non_target_sum.sub_(1.0)
+    # The shifted gap (v_j - z_j)/T - m_v + m_z of (N3), 0 at the target: it is exactly 0 wherever the two
+    # rows differ by a constant, so NCKD's precision does not depend on a per-row logit offset. Its buffer
+    # later receives the gradient, so the saved gradient owns one B×C storage of its own.
+    shifted_gap = scaled_v - scaled_z
+    exps = scaled.exp_()  # exactly 1 at the target
+    student_exps, teacher_exps = exps.unbind(0)
+    non_target_sum = exps.sum(dim=2, keepdim=True).sub_(1.0)  # s = Σ_{k≠t} exp(·) >= 1
+    cross = torch.linalg.vecdot(teacher_exps, shifted_gap, dim=1).unsqueeze(1)
     log_s = non_target_sum.log()
     lse_non_target = non_target_max.add_(log_s)  # (N1)
     # (N2) with d = z_t/T - LSE_{k≠t}: log p_t = log σ(d), log(1 - p_t) = log σ(-d). The same differences
@@ -131,26 +125,40 @@ def decoupled_forward(
     log_binary = F.logsigmoid(torch.cat((target_margin, target_margin.neg()), dim=2))
     binary = log_binary.exp()
     log_b_s, log_b_t = log_binary.unbind(0)
-    b_s, b_t = binary.unbind(0)
     log_ratio = log_b_t - log_b_s
 
-    tckd = (b_t * log_ratio).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
+    tckd = (binary[1] * log_ratio).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
     inv_s_z, inv_s_v = non_target_sum.reciprocal_().unbind(0)
-    nckd = cross.mul_(inv_s_v).sub_(log_s[1]).add_(log_s[0])  # (N3)
+    nckd = cross.mul_(inv_s_v).add_(torch.sub(*log_s.unbind(0)))  # (N3)
     a, b = weight_rule(TargetStats(log_binary, log_ratio))
-    loss = (a * tckd).add_(nckd, alpha=b) if isinstance(b, float) else a * tckd + b * nckd
-    loss = loss.mul_(temperature**2).view(-1)
+    loss = _weighted_sum(tckd, a, nckd, b, scale=temperature**2).view(-1)  # (D1)
     if grad_scale is None:
         return loss, None
 
     scale = grad_scale * temperature
-    target_gap = (b_s[:, :1] - b_t[:, :1]).mul_(a)  # a (p_t - q_t)
-    # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j] with p̂_j = exps_j / s_z, q̂_j = exps_j / s_v, built in the
-    # teacher's buffer so that the saved gradient owns exactly one B×C storage.
-    grad = teacher_exps.mul_(inv_s_v.mul_(-scale * b))
-    grad.addcmul_(student_exps, inv_s_z.mul_(b - target_gap).mul_(scale))
-    grad.scatter_(1, target.view(-1, 1), target_gap.mul_(scale))  # (G1)
+    p_t, q_t = binary[:, :, :1].unbind(0)
+    target_gap = p_t - q_t
+    target_gap = target_gap.mul_(a).mul_(scale) if isinstance(a, Tensor) else target_gap.mul_(a * scale)
+    # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j] with p̂_j = exps_j / s_z and q̂_j = exps_j / s_v.
+    scaled_b = b * scale
+    grad = torch.mul(student_exps, torch.sub(scaled_b, target_gap).mul_(inv_s_z), out=shifted_gap)
+    if isinstance(scaled_b, Tensor):
+        grad.addcmul_(teacher_exps, inv_s_v.mul_(scaled_b), value=-1.0)
+    else:
+        grad.addcmul_(teacher_exps, inv_s_v, value=-scaled_b)
+    grad.scatter_(1, index[0], target_gap)  # (G1): T a (p_t - q_t)
     return loss, grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
+
+
+def _weighted_sum(x: Tensor, x_weight: Tensor | float, y: Tensor, y_weight: Tensor | float, *, scale: float) -> Tensor:
+    """``scale · (x_weight·x + y_weight·y)`` for float or ``(B, 1)`` weights, in place, in two operations."""
+    if isinstance(x_weight, Tensor) and isinstance(y_weight, Tensor):
+        return x.mul_(x_weight).addcmul_(y, y_weight).mul_(scale)
+    if isinstance(x_weight, Tensor):
+        x, x_weight, y, y_weight = y, y_weight, x, x_weight
+    if isinstance(y_weight, Tensor):
+        return torch.addcmul(x.mul_(x_weight * scale), y, y_weight, value=scale)
+    return x.mul_(x_weight * scale).add_(y, alpha=y_weight * scale)
 
 
 class DecoupledKDFunction(torch.autograd.Function):
@@ -182,9 +190,15 @@ class DecoupledKDFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():  # cheaper than @once_differentiable, and says why
+            raise RuntimeError(
+                "double backward through the fused distillation loss is not supported: its saved gradient "
+                "is a constant; use aekt_plugin.reference for higher-order derivatives"
+            )
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
         if ctx.reduction == "none":  # type: ignore[attr-defined]
             grad_output = grad_output.unsqueeze(1)
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        if grad_output.dtype != grad.dtype:
+            grad_output = grad_output.to(grad.dtype)
+        return grad * grad_output, None, None, None, None, None

@@ -82,11 +82,14 @@ def _aekt_weights(
     """AEKT: ``a = α · min(q_t/p_t, w_max)`` (optionally divided by its batch mean), ``b = β``.
 
     The ratio is formed in log space, ``exp(min(log q_t - log p_t, log w_max))``, so an underflowing
-    ``p_t`` gives ``w_max`` rather than ``inf``. It is a stop-gradient constant (derivations, eq. (12)).
+    ``p_t`` gives ``w_max`` rather than ``inf``; the batch-mean normalisation is applied there too,
+    ``w_i / mean(w) = exp(log w_i - (LSE_k log w_k - log B))``, so a batch of ratios too small for the
+    dtype still averages to 1. It is a stop-gradient constant (derivations, eq. (12)).
     """
-    ratio = stats.log_target_ratio.clamp(max=math.log(max_weight)).exp_()
+    log_ratio = stats.log_target_ratio.clamp(max=math.log(max_weight))
     if normalize_weight:
-        ratio = ratio.div_(ratio.mean().clamp_min_(torch.finfo(ratio.dtype).tiny))
+        log_ratio = log_ratio.sub_(torch.logsumexp(log_ratio, dim=0).sub_(math.log(log_ratio.shape[0])))
+    ratio = log_ratio.exp_()
     return (ratio.mul_(alpha) if alpha != 1.0 else ratio), beta
 
 

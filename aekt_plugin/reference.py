@@ -8,6 +8,7 @@ explicitly, as a third, independent statement of the same mathematics.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -114,10 +115,10 @@ def dkd_loss(
 
 def aekt_weight(parts: Decomposition, *, max_weight: float, normalize_weight: bool) -> Tensor:
     """``min(q_t / p_t, w_max)``, divided by its batch mean when ``normalize_weight``; no gradient."""
-    ratio = torch.exp(parts.log_q_t - parts.log_p_t).clamp(max=max_weight)
-    if normalize_weight:
-        ratio = ratio / ratio.mean().clamp_min(torch.finfo(ratio.dtype).tiny)  # all-zero batch: weight 0
-    return ratio.detach()
+    log_ratio = (parts.log_q_t - parts.log_p_t).clamp(max=math.log(max_weight))
+    if normalize_weight:  # ratio / mean(ratio), in log space so that tiny ratios still average to 1
+        log_ratio = log_ratio - (torch.logsumexp(log_ratio, dim=0) - math.log(log_ratio.shape[0]))
+    return log_ratio.exp().detach()
 
 
 def aekt_loss(
