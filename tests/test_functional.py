@@ -483,3 +483,10 @@ def test_normalized_weight_survives_ratios_that_underflow_float32():
     actual = aekt_plugin.aekt_loss(student, teacher, target, **options)
     assert float(expected) > 1000
     torch.testing.assert_close(actual.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    student = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    loss = aekt_plugin.aekt_loss(student, torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 6, (4,)))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)
