@@ -58,8 +58,9 @@ import torch
 import torch.utils.data
 from torch import Tensor, nn
 
+from . import loss as core
 from ._validation import check_order
-from .functional import DEFAULTS, aekt_loss, dkd_loss
+from .functional import DEFAULTS
 from .serial import SerialLayer, split_logits, warmup_factor
 
 try:
@@ -145,8 +146,16 @@ def _read_logits(io_dict: Mapping[str, Any], side: str, path: str, io: str, loss
     return value
 
 
+def _io_repr(loss: _IOLogitLoss) -> str:
+    return (
+        f"student={loss.student_module_path!r}:{loss.student_module_io}, "
+        f"teacher={loss.teacher_module_path!r}:{loss.teacher_module_io}, warmup_steps={loss.warmup_steps}"
+    )
+
+
 class _IOLogitLoss(nn.Module):
-    """Shared part of the torchdistill losses: read logits from the io dicts, apply the warm-up factor."""
+    """Shared part of the torchdistill losses: read logits from the io dicts, call the core criterion
+    (which holds and checks the loss options), apply the warm-up factor."""
 
     _loss_name = "loss"
 
@@ -157,33 +166,17 @@ class _IOLogitLoss(nn.Module):
         teacher_module_path: str,
         teacher_module_io: str,
         *,
-        reduction: str,
+        criterion: nn.Module,
         warmup_steps: int,
-        validate_args: bool,
     ) -> None:
         super().__init__()
         self.student_module_path = _check_module_path("student_module_path", student_module_path)
         self.student_module_io = _check_module_io("student_module_io", student_module_io)
         self.teacher_module_path = _check_module_path("teacher_module_path", teacher_module_path)
         self.teacher_module_io = _check_module_io("teacher_module_io", teacher_module_io)
-        self.reduction = _check_reduction(reduction)
         self.warmup_steps = _check_warmup_steps(warmup_steps)
-        if not isinstance(validate_args, bool):
-            raise TypeError(f"validate_args must be a bool, got {type(validate_args).__name__}")
-        self.validate_args = validate_args
+        self.criterion = criterion
         self.num_steps = 0
-
-    def _loss_kwargs(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _loss_fn(self) -> Callable[..., Tensor]:
-        raise NotImplementedError
-
-    def _check_options(self) -> None:
-        """Run the core's option checks once at construction, so a bad yaml value fails when the
-        distillation box is built, not at the first training step."""
-        logits = torch.zeros(1, 2)
-        self._loss_fn()(logits, logits, torch.zeros(1, dtype=torch.long), **self._loss_kwargs())
 
     def warmup_factor(self) -> float:
         """``min(steps / warmup_steps, 1)`` (``1`` when ``warmup_steps == 0``), steps counted from 0."""
@@ -210,7 +203,7 @@ class _IOLogitLoss(nn.Module):
                          self._loss_name)
         v = _read_logits(teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io,
                          self._loss_name)
-        loss = self._loss_fn()(z, v, targets, **self._loss_kwargs())
+        loss = self.criterion(z, v, targets)
         if self.warmup_steps > 0:
             factor = self.warmup_factor()
             if torch.is_grad_enabled() and z.requires_grad:
@@ -273,35 +266,18 @@ class AEKTLoss(_IOLogitLoss):
         warmup_steps: int = 0,
         validate_args: bool = True,
     ) -> None:
+        criterion = core.AEKTLoss(
+            temperature=temperature, alpha=alpha, beta=beta, max_weight=max_weight,
+            normalize_weight=normalize_weight, reduction=_check_reduction(reduction),
+            validate_args=validate_args,
+        )
         super().__init__(
             student_module_path, student_module_io, teacher_module_path, teacher_module_io,
-            reduction=reduction, warmup_steps=warmup_steps, validate_args=validate_args,
+            criterion=criterion, warmup_steps=warmup_steps,
         )
-        self.temperature = temperature
-        self.alpha = alpha
-        self.beta = beta
-        self.max_weight = max_weight
-        self.normalize_weight = normalize_weight
-        self._check_options()
-
-    def _loss_fn(self) -> Callable[..., Tensor]:
-        return aekt_loss
-
-    def _loss_kwargs(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
-            "max_weight": self.max_weight, "normalize_weight": self.normalize_weight,
-            "reduction": self.reduction, "validate_args": self.validate_args,
-        }
 
     def extra_repr(self) -> str:
-        return (
-            f"student={self.student_module_path!r}:{self.student_module_io}, "
-            f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, T={self.temperature}, "
-            f"alpha={self.alpha}, beta={self.beta}, max_weight={self.max_weight}, "
-            f"normalize_weight={self.normalize_weight}, reduction={self.reduction!r}, "
-            f"warmup_steps={self.warmup_steps}"
-        )
+        return _io_repr(self)
 
 
 class DKDLoss(_IOLogitLoss):
@@ -329,31 +305,17 @@ class DKDLoss(_IOLogitLoss):
         warmup_steps: int = 0,
         validate_args: bool = True,
     ) -> None:
+        criterion = core.DKDLoss(
+            temperature=temperature, alpha=alpha, beta=beta, reduction=_check_reduction(reduction),
+            validate_args=validate_args,
+        )
         super().__init__(
             student_module_path, student_module_io, teacher_module_path, teacher_module_io,
-            reduction=reduction, warmup_steps=warmup_steps, validate_args=validate_args,
+            criterion=criterion, warmup_steps=warmup_steps,
         )
-        self.temperature = temperature
-        self.alpha = alpha
-        self.beta = beta
-        self._check_options()
-
-    def _loss_fn(self) -> Callable[..., Tensor]:
-        return dkd_loss
-
-    def _loss_kwargs(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
-            "reduction": self.reduction, "validate_args": self.validate_args,
-        }
 
     def extra_repr(self) -> str:
-        return (
-            f"student={self.student_module_path!r}:{self.student_module_io}, "
-            f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, T={self.temperature}, "
-            f"alpha={self.alpha}, beta={self.beta}, reduction={self.reduction!r}, "
-            f"warmup_steps={self.warmup_steps}"
-        )
+        return _io_repr(self)
 
 
 class AEKTSerialStudent(nn.Module):

@@ -183,7 +183,7 @@ def test_defaults_come_from_the_package_defaults(key):
     if key == "AEKTLoss":
         names += ["max_weight", "normalize_weight"]
     for name in names:
-        assert getattr(loss, name) == aekt_plugin.DEFAULTS[name]
+        assert getattr(loss.criterion, name) == aekt_plugin.DEFAULTS[name]
     z, v, y = _logits(seed=2)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
     torch.testing.assert_close(loss(io_s, io_t, y), CORE[key](z, v, y))
