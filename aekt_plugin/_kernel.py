@@ -32,6 +32,7 @@ incoming gradient. Double backward is not supported.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -75,6 +76,7 @@ class TargetStats:
 
 WeightRule = Callable[[TargetStats], "tuple[Tensor | float, Tensor | float]"]
 """Maps the target statistics of a batch to the per-sample weights ``(a, b)`` of (D1)."""
+
 
 def decoupled_forward(
     student_logits: Tensor,
@@ -150,7 +152,9 @@ def decoupled_forward(
     return loss, grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
 
 
-def _weighted_sum(x: Tensor, x_weight: Tensor | float, y: Tensor, y_weight: Tensor | float, *, scale: float) -> Tensor:
+def _weighted_sum(
+    x: Tensor, x_weight: Tensor | float, y: Tensor, y_weight: Tensor | float, *, scale: float
+) -> Tensor:
     """``scale · (x_weight·x + y_weight·y)`` for float or ``(B, 1)`` weights, in place, in two operations."""
     if isinstance(x_weight, Tensor) and isinstance(y_weight, Tensor):
         return x.mul_(x_weight).addcmul_(y, y_weight).mul_(scale)

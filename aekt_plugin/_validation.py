@@ -73,7 +73,8 @@ def check_logits(student_logits: object, teacher_logits: object) -> None:
         )
     if student_logits.shape[1] < 2:
         raise ValueError(
-            f"the class dimension (dim 1) of the logits must have at least 2 classes, got {student_logits.shape[1]}"
+            "the class dimension (dim 1) of the logits must have at least 2 classes, "
+            f"got {student_logits.shape[1]}"
         )
     if student_logits.device != teacher_logits.device:
         raise ValueError(
@@ -100,7 +101,9 @@ def target_classes(target: object, logits: torch.Tensor) -> torch.Tensor:
             )
         return target.argmax(dim=1)
     if target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must hold integer class indices or float probabilities, got dtype {target.dtype}")
+        raise TypeError(
+            f"target must hold integer class indices or float probabilities, got dtype {target.dtype}"
+        )
     expected = logits.shape[:1] + logits.shape[2:]
     if target.shape != expected:
         raise ValueError(
@@ -110,7 +113,9 @@ def target_classes(target: object, logits: torch.Tensor) -> torch.Tensor:
     return target.long()
 
 
-def check_values(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None) -> None:
+def check_values(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
+) -> None:
     """The data-reading checks of ``validate_args=True``."""
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not bool(torch.isfinite(logits).all()):

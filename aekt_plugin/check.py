@@ -7,6 +7,7 @@ For KD, DKD and AEKT, on a few shapes and logit scales, it compares
 * the fused gradient with the closed form (G1)–(G2) of ``docs/derivations.md``;
 * the invariants every gradient must satisfy: finite values on extreme logits (``|z| = 1e4``), rows that
   sum to zero (G3), a teacher that receives no gradient;
+* on CUDA, that a step with ``validate_args=False`` never synchronises with the host;
 
 and prints one table row per check with the error, the tolerance and PASS/FAIL.
 """
@@ -127,9 +128,33 @@ def run_checks(
         for loss in LOSSES:
             for shape in SHAPES:
                 for scale in loss.scales:
-                    checks.extend(_check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed))
+                    checks.extend(
+                        _check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed)
+                    )
                 checks.append(_check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed))
+            if device.type == "cuda":
+                checks.append(_check_no_host_sync(loss, dtype_name, dtype, device, temperature, seed))
     return checks
+
+
+def _check_no_host_sync(loss, dtype_name, dtype, device, temperature, seed) -> Check:
+    """With ``validate_args=False`` a CUDA step must not synchronise with the host (SPEC §4)."""
+    shape = (64, 100)
+    student, teacher, target = _inputs(shape, 1.0, dtype, device, seed)
+    student.requires_grad_(True)
+    torch.cuda.synchronize(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.fused(
+            student, teacher, target, temperature=temperature, validate_args=False, **loss.options
+        ).backward()
+        error = 0.0
+    except RuntimeError:
+        error = math.inf
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return Check(loss.name, dtype_name, shape, "no host sync with validate_args=False", error, 0.0)
 
 
 def _check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed) -> list[Check]:
@@ -142,21 +167,45 @@ def _check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed)
     )
     label = f"{tuple(shape)} ×{scale:g}"
     results = [
-        Check(loss.name, dtype_name, shape, f"loss vs reference {label}", _relative_error(fused_loss, oracle_loss),
-              LOSS_RTOL[dtype]),
-        Check(loss.name, dtype_name, shape, f"grad vs reference {label}", _relative_error(fused_grad, oracle_grad),
-              GRAD_RTOL[dtype]),
+        Check(
+            loss.name,
+            dtype_name,
+            shape,
+            f"loss vs reference {label}",
+            _relative_error(fused_loss, oracle_loss),
+            LOSS_RTOL[dtype],
+        ),
+        Check(
+            loss.name,
+            dtype_name,
+            shape,
+            f"grad vs reference {label}",
+            _relative_error(fused_grad, oracle_grad),
+            GRAD_RTOL[dtype],
+        ),
     ]
     if len(shape) == 2:
         closed = _closed_form(loss, student.double(), teacher.double(), target, temperature)
         results.append(
-            Check(loss.name, dtype_name, shape, f"grad vs closed form (G1-G2) {label}",
-                  _relative_error(fused_grad, closed), GRAD_RTOL[dtype])
+            Check(
+                loss.name,
+                dtype_name,
+                shape,
+                f"grad vs closed form (G1-G2) {label}",
+                _relative_error(fused_grad, closed),
+                GRAD_RTOL[dtype],
+            )
         )
         row_sums = fused_grad.double().sum(dim=1).abs().max()
         results.append(
-            Check(loss.name, dtype_name, shape, f"grad rows sum to 0 (G3) {label}",
-                  float(row_sums / fused_grad.double().abs().max().clamp_min(1e-30)), GRAD_RTOL[dtype] * 10)
+            Check(
+                loss.name,
+                dtype_name,
+                shape,
+                f"grad rows sum to 0 (G3) {label}",
+                float(row_sums / fused_grad.double().abs().max().clamp_min(1e-30)),
+                GRAD_RTOL[dtype] * 10,
+            )
         )
     return results
 
@@ -169,9 +218,20 @@ def _check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed) ->
     options = dict(loss.options)
     if options.get("max_weight") == math.inf:
         options["max_weight"] = 10.0  # an unbounded ratio weight is allowed to be inf there, by design
-    fused_loss, fused_grad = _loss_and_grad(loss.fused, student, teacher, target, temperature=temperature, **options)
-    finite = bool(torch.isfinite(fused_loss).all() and torch.isfinite(fused_grad).all() and teacher.grad is None)
-    return Check(loss.name, dtype_name, shape, "finite at |logits| = 1e4, teacher gets no grad", 0.0 if finite else math.inf, 0.0)
+    fused_loss, fused_grad = _loss_and_grad(
+        loss.fused, student, teacher, target, temperature=temperature, **options
+    )
+    finite = bool(
+        torch.isfinite(fused_loss).all() and torch.isfinite(fused_grad).all() and teacher.grad is None
+    )
+    return Check(
+        loss.name,
+        dtype_name,
+        shape,
+        "finite at |logits| = 1e4, teacher gets no grad",
+        0.0 if finite else math.inf,
+        0.0,
+    )
 
 
 def format_table(checks: Sequence[Check]) -> str:
@@ -179,7 +239,8 @@ def format_table(checks: Sequence[Check]) -> str:
     lines = [header, "-" * len(header)]
     for check in checks:
         lines.append(
-            f"{check.loss:<26} {check.dtype:<9} {check.what:<52} {check.error:>10.2e} {check.tolerance:>8.0e}  "
+            f"{check.loss:<26} {check.dtype:<9} {check.what:<52} "
+            f"{check.error:>10.2e} {check.tolerance:>8.0e}  "
             f"{'PASS' if check.passed else 'FAIL'}"
         )
     failed = sum(not check.passed for check in checks)
@@ -190,7 +251,10 @@ def format_table(checks: Sequence[Check]) -> str:
 def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument(
-        "--dtype", dest="dtypes", action="append", choices=sorted(DTYPES),
+        "--dtype",
+        dest="dtypes",
+        action="append",
+        choices=sorted(DTYPES),
         help="dtype to check; repeat for several (default: all four)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits (default 0)")

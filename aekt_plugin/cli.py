@@ -17,12 +17,24 @@ from . import __version__
 
 # subcommand -> (module, function adding its options, function running it, one-line help)
 _COMMANDS = {
-    "demo": ("aekt_plugin.demo.run", "add_demo_arguments", "run_demo",
-             "train a teacher, distil students with CE/KD/DKD/AEKT, print the accuracy table"),
-    "check": ("aekt_plugin.check", "add_check_arguments", "run_check",
-              "gradient-equivalence checks of the fused kernel on a device and dtypes"),
-    "bench": ("aekt_plugin.bench", "add_bench_arguments", "run_bench",
-              "loss-kernel benchmark: time, ratios and saved bytes against plain KD and mdistiller's DKD"),
+    "demo": (
+        "aekt_plugin.demo.run",
+        "add_demo_arguments",
+        "run_demo",
+        "train a teacher, distil students with CE/KD/DKD/AEKT, print the accuracy table",
+    ),
+    "check": (
+        "aekt_plugin.check",
+        "add_check_arguments",
+        "run_check",
+        "gradient-equivalence checks of the fused kernel on a device and dtypes",
+    ),
+    "bench": (
+        "aekt_plugin.bench",
+        "add_bench_arguments",
+        "run_bench",
+        "loss-kernel benchmark: time, ratios and saved bytes against plain KD and mdistiller's DKD",
+    ),
 }
 
 

@@ -19,7 +19,9 @@ class KDLoss(nn.Module):
         >>> loss = criterion(torch.randn(8, 10, requires_grad=True), torch.randn(8, 10))
     """
 
-    def __init__(self, *, temperature: float = 4.0, reduction: str = "mean", validate_args: bool = True) -> None:
+    def __init__(
+        self, *, temperature: float = 4.0, reduction: str = "mean", validate_args: bool = True
+    ) -> None:
         super().__init__()
         self.temperature = _validation.check_positive("temperature", temperature)
         self.reduction = _validation.check_reduction(reduction)
@@ -116,4 +118,6 @@ class AEKTLoss(DKDLoss):
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_weight={self.max_weight}, normalize_weight={self.normalize_weight}"
+        return (
+            f"{super().extra_repr()}, max_weight={self.max_weight}, normalize_weight={self.normalize_weight}"
+        )

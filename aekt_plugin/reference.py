@@ -32,7 +32,9 @@ class Decomposition(NamedTuple):
     nckd: Tensor  # KL(q̂ ‖ p̂)
 
 
-def decompose(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float) -> Decomposition:
+def decompose(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float
+) -> Decomposition:
     """TCKD and NCKD of every sample, from ``(B, C)`` logits and int64 targets ``(B,)``."""
     z = student_logits / temperature
     v = teacher_logits.detach() / temperature  # the teacher's logits never receive a gradient

@@ -55,7 +55,9 @@ class SerialLayer(nn.Module):
     def __init__(self, num_classes: int, *, order: str = "cls_kd", residual: bool = False) -> None:
         super().__init__()
         if check_order(order) is None:
-            raise ValueError("order must be 'cls_kd' or 'kd_cls' for a SerialLayer; use no layer for order=None")
+            raise ValueError(
+                "order must be 'cls_kd' or 'kd_cls' for a SerialLayer; use no layer for order=None"
+            )
         if not isinstance(residual, bool):
             raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
         self.order = order
@@ -84,7 +86,8 @@ class SerialLayer(nn.Module):
         """Apply ``S`` alone: ``W x + c`` (``x + W x + c`` when residual)."""
         if logits.shape[-1] != self.num_classes:
             raise ValueError(
-                f"SerialLayer expects logits with {self.num_classes} classes in the last dim, got {tuple(logits.shape)}"
+                f"SerialLayer expects logits with {self.num_classes} classes in the last dim, "
+                f"got {tuple(logits.shape)}"
             )
         mapped = F.linear(logits, self.weight, self.bias)
         return logits + mapped if self.residual else mapped
@@ -99,7 +102,9 @@ class SerialLayer(nn.Module):
     def relation_matrix(self) -> Tensor:
         """The effective ``C×C`` matrix of ``S`` (``I + W`` when residual): the learned class relations."""
         if self.residual:
-            return self.weight + torch.eye(self.num_classes, device=self.weight.device, dtype=self.weight.dtype)
+            return self.weight + torch.eye(
+                self.num_classes, device=self.weight.device, dtype=self.weight.dtype
+            )
         return self.weight.detach().clone()
 
     @torch.no_grad()
@@ -114,7 +119,8 @@ class SerialLayer(nn.Module):
             raise TypeError(f"classifier must be an nn.Linear to fold into, got {type(classifier).__name__}")
         if classifier.out_features != self.num_classes:
             raise ValueError(
-                f"classifier has {classifier.out_features} outputs but the serial layer has {self.num_classes} classes"
+                f"classifier has {classifier.out_features} outputs but the serial layer has "
+                f"{self.num_classes} classes"
             )
         folded = copy.deepcopy(classifier)
         if self.order == "cls_kd":

@@ -14,18 +14,24 @@ from aekt_plugin import check, cli
 def test_import_needs_torch_alone():
     code = (
         "import sys, aekt_plugin, aekt_plugin.reference, aekt_plugin.cli;"
-        "bad = [m for m in ('timm', 'torchdistill', 'mdistiller', 'yacs', 'sklearn', 'matplotlib') if m in sys.modules];"
+        "toolkits = ('timm', 'torchdistill', 'mdistiller', 'yacs', 'sklearn', 'matplotlib');"
+        "bad = [m for m in toolkits if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_python_dash_m_prints_help_and_version():
-    out = subprocess.run([sys.executable, "-m", "aekt_plugin", "--version"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "aekt_plugin", "--version"], check=True, capture_output=True, text=True
+    )
     assert out.stdout.startswith("aekt ")
     for command in ("demo", "check", "bench"):
         out = subprocess.run(
-            [sys.executable, "-m", "aekt_plugin", command, "--help"], check=True, capture_output=True, text=True
+            [sys.executable, "-m", "aekt_plugin", command, "--help"],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         assert "usage: aekt " + command in out.stdout
 
@@ -38,7 +44,9 @@ def test_check_passes_on_cpu_float32(capsys):
 
 def test_check_fails_with_exit_status_1_when_the_kernel_is_wrong(monkeypatch, capsys):
     broken = [
-        check._Loss(loss.name, lambda *a, _f=loss.fused, **k: _f(*a, **k) * 1.001, loss.reference, loss.options)
+        check._Loss(
+            loss.name, lambda *a, _f=loss.fused, **k: _f(*a, **k) * 1.001, loss.reference, loss.options
+        )
         for loss in check.LOSSES
     ]
     monkeypatch.setattr(check, "LOSSES", tuple(broken))

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import LOSS_NAMES, logit_batches, loss_options
 
 import aekt_plugin
 from aekt_plugin import _baselines, reference
-from strategies import LOSS_NAMES, logit_batches, loss_options
 
 
 def fused(name):
@@ -49,10 +49,14 @@ def test_fused_matches_reference_in_float64(name, data):
         getattr(reference, name), student, teacher, target, temperature=temperature, **options
     )
     assume(bool(torch.isfinite(expected).all()))  # only an unbounded AEKT weight (w_max=inf) overflows
-    actual, actual_grad = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, **options)
+    actual, actual_grad = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, **options
+    )
     # An unbounded AEKT weight a = q_t/p_t multiplies the rounding of TCKD by a: the problem's condition.
     parts = reference.decompose(student, teacher, target, temperature)
-    amplification = float((parts.log_q_t - parts.log_p_t).exp().max()) if options.get("max_weight") == math.inf else 1.0
+    amplification = (
+        float((parts.log_q_t - parts.log_p_t).exp().max()) if options.get("max_weight") == math.inf else 1.0
+    )
     assert_close_relative(actual, expected, 1e-10 * max(1.0, amplification))
     assert_close_relative(actual_grad, expected_grad, 1e-10 * max(1.0, amplification))
 
@@ -65,18 +69,35 @@ def test_fused_float32_matches_float64_reference(name, data):
     if options.get("max_weight") == math.inf:
         options["max_weight"] = 10.0  # an unbounded weight amplifies float32 rounding without limit
     expected, expected_grad = loss_and_grad(
-        getattr(reference, name), student.double(), teacher.double(), target, temperature=temperature, **options
+        getattr(reference, name),
+        student.double(),
+        teacher.double(),
+        target,
+        temperature=temperature,
+        **options,
     )
-    actual, actual_grad = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, **options)
+    actual, actual_grad = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, **options
+    )
     assert actual.dtype == torch.float32 and actual_grad.dtype == torch.float32
     # A divergence near 0 is a difference of log-sum-exps of size log C: float32 rounding of those, times
     # the weights T²(a + b) and summed over the samples of "sum", sets the floor, not the loss value
     # (plain KD's kl_div has the same one).
     parts = reference.decompose(student.double(), teacher.double(), target, temperature)
-    weight_sum = 1.0 + float(options.get("alpha", 1.0)) * (
-        float(reference.aekt_weight(parts, max_weight=options["max_weight"], normalize_weight=options["normalize_weight"]).max())
-        if name == "aekt_loss" else 1.0
-    ) + float(options.get("beta", 1.0))
+    weight_sum = (
+        1.0
+        + float(options.get("alpha", 1.0))
+        * (
+            float(
+                reference.aekt_weight(
+                    parts, max_weight=options["max_weight"], normalize_weight=options["normalize_weight"]
+                ).max()
+            )
+            if name == "aekt_loss"
+            else 1.0
+        )
+        + float(options.get("beta", 1.0))
+    )
     samples = student.shape[0] if options["reduction"] == "sum" else 1
     assert_close_relative(actual.double(), expected, 1e-5, floor=temperature**2 * weight_sum * samples)
     assert_close_relative(actual_grad.double(), expected_grad, 1e-5)
@@ -90,7 +111,13 @@ def test_reference_autograd_equals_closed_form_G1_G2(batch, alpha, beta):
     """(G1)-(G2), with the formula written out here rather than taken from the package."""
     student, teacher, target, temperature = batch
     _, grad = loss_and_grad(
-        reference.dkd_loss, student, teacher, target, temperature=temperature, alpha=alpha, beta=beta,
+        reference.dkd_loss,
+        student,
+        teacher,
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
         reduction="sum",
     )
     z, v = student / temperature, teacher / temperature
@@ -111,7 +138,9 @@ def test_fused_gradient_equals_closed_form(name, data):
     options = {k: v for k, v in data.draw(loss_options(name)).items() if k != "reduction"}
     if options.get("max_weight") == math.inf:
         options["max_weight"] = 1e3
-    _, grad = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, reduction="sum", **options)
+    _, grad = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, reduction="sum", **options
+    )
     parts = reference.decompose(student, teacher, target, temperature)
     if name == "kd_loss":
         a, b = kd_weights(parts)
@@ -163,7 +192,9 @@ def test_gradcheck_aekt_with_its_weight_held_fixed():
     parts = reference.decompose(student.detach(), teacher, target, 2.0)
     assert bool(((parts.log_q_t - parts.log_p_t).exp() > 0.5).all())
     assert torch.autograd.gradcheck(
-        lambda z: aekt_plugin.aekt_loss(z, teacher, target, temperature=2.0, max_weight=0.5, normalize_weight=False),
+        lambda z: aekt_plugin.aekt_loss(
+            z, teacher, target, temperature=2.0, max_weight=0.5, normalize_weight=False
+        ),
         (student,),
     )
 
@@ -175,7 +206,13 @@ def test_aekt_gradient_is_not_the_derivative_of_its_value_when_the_weight_varies
 
     def value(z):
         return aekt_plugin.aekt_loss(
-            z, teacher, target, temperature=temperature, max_weight=math.inf, normalize_weight=False, reduction="sum"
+            z,
+            teacher,
+            target,
+            temperature=temperature,
+            max_weight=math.inf,
+            normalize_weight=False,
+            reduction="sum",
         )
 
     assert not torch.autograd.gradcheck(value, (student,), raise_exception=False)
@@ -187,8 +224,14 @@ def test_aekt_gradient_is_not_the_derivative_of_its_value_when_the_weight_varies
     full = (temperature**2 * (weight * parts.tckd + 8.0 * parts.nckd)).sum()
     (full_grad,) = torch.autograd.grad(full, z)
     _, fused_grad = loss_and_grad(
-        aekt_plugin.aekt_loss, student, teacher, target, temperature=temperature, max_weight=math.inf,
-        normalize_weight=False, reduction="sum",
+        aekt_plugin.aekt_loss,
+        student,
+        teacher,
+        target,
+        temperature=temperature,
+        max_weight=math.inf,
+        normalize_weight=False,
+        reduction="sum",
     )
     p = F.softmax(z.detach() / temperature, 1)
     delta = F.one_hot(target, p.shape[1]).double()
@@ -221,17 +264,25 @@ def test_kd_does_not_depend_on_the_target():
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
-@given(batch=logit_batches(max_classes=50), shift=st.floats(-1e3, 1e3), which=st.sampled_from(["student", "teacher"]))
+@given(
+    batch=logit_batches(max_classes=50),
+    shift=st.floats(-1e3, 1e3),
+    which=st.sampled_from(["student", "teacher"]),
+)
 def test_adding_a_constant_to_a_row_changes_nothing(name, batch, shift, which):
     student, teacher, target, temperature = batch
-    before, grad_before = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, reduction="none")
+    before, grad_before = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, reduction="none"
+    )
     row_shift = torch.zeros(student.shape[0], 1, dtype=torch.float64)
     row_shift[0] = shift
     if which == "student":
         student = student + row_shift
     else:
         teacher = teacher + row_shift
-    after, grad_after = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, reduction="none")
+    after, grad_after = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, reduction="none"
+    )
     # Shifting by up to 1e3 rounds the logits themselves at ~1e-13 relative to the shift.
     tolerance = 1e-9 * max(1.0, abs(shift)) / temperature
     assert_close_relative(after, before, tolerance * temperature**2 * 10)
@@ -244,9 +295,15 @@ def test_permuting_classes_and_targets_permutes_the_gradient(name, batch, seed):
     student, teacher, target, temperature = batch
     permutation = torch.randperm(student.shape[1], generator=torch.Generator().manual_seed(seed))
     inverse = torch.argsort(permutation)
-    value, grad = loss_and_grad(fused(name), student, teacher, target, temperature=temperature, reduction="none")
+    value, grad = loss_and_grad(
+        fused(name), student, teacher, target, temperature=temperature, reduction="none"
+    )
     value_p, grad_p = loss_and_grad(
-        fused(name), student[:, permutation], teacher[:, permutation], inverse[target], temperature=temperature,
+        fused(name),
+        student[:, permutation],
+        teacher[:, permutation],
+        inverse[target],
+        temperature=temperature,
         reduction="none",
     )
     assert_close_relative(value_p, value, 1e-10)
@@ -312,7 +369,9 @@ def test_dkd_equals_mdistiller_algorithm_on_moderate_logits(batch, alpha, beta):
     assume(float(student.abs().max()) < 30 * temperature and float(teacher.abs().max()) < 30 * temperature)
     expected, expected_grad = loss_and_grad(
         lambda z, v, t: _baselines.dkd_mdistiller(z, v, t, alpha=alpha, beta=beta, temperature=temperature),
-        student, teacher, target,
+        student,
+        teacher,
+        target,
     )
     actual, actual_grad = loss_and_grad(
         aekt_plugin.dkd_loss, student, teacher, target, temperature=temperature, alpha=alpha, beta=beta
@@ -369,7 +428,7 @@ def test_teacher_gets_no_gradient_and_inputs_are_unchanged(name):
     copies = [x.detach().clone() for x in (student, teacher, target)]
     fused(name)(student, teacher, target).backward()
     assert teacher.grad is None and student.grad is not None
-    for original, copy in zip((student, teacher, target), copies):
+    for original, copy in zip((student, teacher, target), copies, strict=True):
         assert torch.equal(original.detach(), copy)
 
 
@@ -381,7 +440,9 @@ def test_dense_logits_are_samples_like_cross_entropy(name):
     per_pixel = fused(name)(student, teacher, target, reduction="none")
     assert per_pixel.shape == (3, 4, 5)
     rows = fused(name)(
-        student.movedim(1, -1).reshape(-1, 6), teacher.movedim(1, -1).reshape(-1, 6), target.reshape(-1),
+        student.movedim(1, -1).reshape(-1, 6),
+        teacher.movedim(1, -1).reshape(-1, 6),
+        target.reshape(-1),
         reduction="none",
     )
     torch.testing.assert_close(per_pixel.reshape(-1), rows, rtol=1e-12, atol=1e-12)
@@ -399,9 +460,15 @@ def test_reductions_are_mean_sum_and_none_over_samples(name):
     torch.testing.assert_close(fused(name)(student, teacher, target, reduction="mean"), none.mean())
     # backward with a per-sample incoming gradient (reduction="none")
     weights = torch.rand(10, dtype=torch.float64)
-    _, grad = loss_and_grad(lambda *a, **k: fused(name)(*a, **k) * weights, student, teacher, target, reduction="none")
+    _, grad = loss_and_grad(
+        lambda *a, **k: fused(name)(*a, **k) * weights, student, teacher, target, reduction="none"
+    )
     _, expected = loss_and_grad(
-        lambda *a, **k: getattr(reference, name)(*a, **k) * weights, student, teacher, target, reduction="none"
+        lambda *a, **k: getattr(reference, name)(*a, **k) * weights,
+        student,
+        teacher,
+        target,
+        reduction="none",
     )
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
 
@@ -419,7 +486,8 @@ def test_any_integer_target_dtype(dtype):
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
     target = torch.tensor([0, 4, 2, 2, 1, 3])
     torch.testing.assert_close(
-        aekt_plugin.aekt_loss(student, teacher, target.to(dtype)), aekt_plugin.aekt_loss(student, teacher, target)
+        aekt_plugin.aekt_loss(student, teacher, target.to(dtype)),
+        aekt_plugin.aekt_loss(student, teacher, target),
     )
 
 
@@ -440,15 +508,28 @@ def test_normalized_aekt_weight_has_batch_mean_alpha():
 def test_loss_modules_store_options_and_match_functions():
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
     target = torch.randint(0, 5, (6,))
-    module = aekt_plugin.AEKTLoss(temperature=2.0, beta=2.0, max_weight=3.0, normalize_weight=False, reduction="sum")
+    module = aekt_plugin.AEKTLoss(
+        temperature=2.0, beta=2.0, max_weight=3.0, normalize_weight=False, reduction="sum"
+    )
     expected = aekt_plugin.aekt_loss(
-        student, teacher, target, temperature=2.0, beta=2.0, max_weight=3.0, normalize_weight=False, reduction="sum"
+        student,
+        teacher,
+        target,
+        temperature=2.0,
+        beta=2.0,
+        max_weight=3.0,
+        normalize_weight=False,
+        reduction="sum",
     )
     torch.testing.assert_close(module(student, teacher, target), expected)
     torch.testing.assert_close(
-        aekt_plugin.DKDLoss(beta=2.0)(student, teacher, target), aekt_plugin.dkd_loss(student, teacher, target, beta=2.0)
+        aekt_plugin.DKDLoss(beta=2.0)(student, teacher, target),
+        aekt_plugin.dkd_loss(student, teacher, target, beta=2.0),
     )
-    torch.testing.assert_close(aekt_plugin.KDLoss(temperature=1.0)(student, teacher), aekt_plugin.kd_loss(student, teacher, temperature=1.0))
+    torch.testing.assert_close(
+        aekt_plugin.KDLoss(temperature=1.0)(student, teacher),
+        aekt_plugin.kd_loss(student, teacher, temperature=1.0),
+    )
     assert "max_weight=3.0" in repr(module)
 
 
@@ -463,7 +544,9 @@ def test_works_inside_a_compiled_training_step():
         logits = model(x)
         with torch.no_grad():
             teacher_logits = teacher(x)
-        loss = F.cross_entropy(logits, y) + aekt_plugin.aekt_loss(logits, teacher_logits, y, validate_args=False)
+        loss = F.cross_entropy(logits, y) + aekt_plugin.aekt_loss(
+            logits, teacher_logits, y, validate_args=False
+        )
         loss.backward()
         return loss.detach(), model.weight.grad.clone()
 

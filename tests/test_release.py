@@ -58,7 +58,9 @@ def installed(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     _run(sys.executable, "-m", "venv", venv)
     python = venv / "bin" / "python"
-    site_packages = Path(_run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip())
+    site_packages = Path(
+        _run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").strip()
+    )
     # A .pth line adds a directory to sys.path without running the .pth files inside it, so this venv sees
     # torch but not the editable install of the source tree.
     (site_packages / "outer-site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -83,7 +85,11 @@ def test_wheel_holds_the_package_configs_and_marker_and_nothing_else(dist: Path)
     for toolkit in configs.TOOLKITS:
         for name in configs.list_configs(toolkit):
             assert f"aekt_plugin/configs/{toolkit}/{name}.yaml" in names
-    leftovers = [n for n in names if re.search(r"(^|/)(tests?|benchmarks|examples|build|__pycache__)/|\.pyc$|\.orig$", n)]
+    leftovers = [
+        n
+        for n in names
+        if re.search(r"(^|/)(tests?|benchmarks|examples|build|__pycache__)/|\.pyc$|\.orig$", n)
+    ]
     assert not leftovers
     assert all(n.startswith(("aekt_plugin/", "aekt_plugin-")) for n in names)
 
@@ -93,7 +99,11 @@ def test_wheel_metadata_declares_the_extras(dist: Path):
     metadata = wheel.read(next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     for extra in ("timm", "torchdistill", "demo", "all", "dev"):
         assert f"Provides-Extra: {extra}" in metadata
-    assert "Requires-Python: >=3.10" in metadata and "License-Expression: MIT" in metadata or "License: MIT" in metadata
+    assert (
+        "Requires-Python: >=3.10" in metadata
+        and "License-Expression: MIT" in metadata
+        or "License: MIT" in metadata
+    )
     entry_points = wheel.read(next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))).decode()
     for script in CONSOLE_SCRIPTS:
         assert f"{script} = " in entry_points
@@ -122,7 +132,8 @@ def test_installed_wheel_works_from_outside_the_repository(installed: Path, tmp_
     code = (
         "import pathlib, sys, aekt_plugin, torch\n"
         "from aekt_plugin import configs\n"
-        f"assert pathlib.Path(aekt_plugin.__file__).is_relative_to({str(installed)!r}), aekt_plugin.__file__\n"
+        f"location = pathlib.Path(aekt_plugin.__file__)\n"
+        f"assert location.is_relative_to({str(installed)!r}), location\n"
         "assert (pathlib.Path(aekt_plugin.__file__).parent / 'py.typed').is_file()\n"
         "count = 0\n"
         "for toolkit in configs.TOOLKITS:\n"
@@ -137,5 +148,9 @@ def test_installed_wheel_works_from_outside_the_repository(installed: Path, tmp_
     assert _run(python, "-c", code, cwd=tmp_path, env=env).startswith("ok")
     for script in CONSOLE_SCRIPTS:
         assert "usage:" in _run(installed / "bin" / script, "--help", cwd=tmp_path, env=env)
-    assert "cifar100/res32x4_res8x4" in _run(installed / "bin" / "aekt-mdistiller", "--list", cwd=tmp_path, env=env)
-    assert "0 failed" in _run(installed / "bin" / "aekt", "check", "--dtype", "float32", "--failures-only", cwd=tmp_path, env=env)
+    assert "cifar100/res32x4_res8x4" in _run(
+        installed / "bin" / "aekt-mdistiller", "--list", cwd=tmp_path, env=env
+    )
+    assert "0 failed" in _run(
+        installed / "bin" / "aekt", "check", "--dtype", "float32", "--failures-only", cwd=tmp_path, env=env
+    )

@@ -49,7 +49,12 @@ def test_bad_inputs_raise_naming_the_argument(loss, student, teacher, target, op
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize(
     ("options", "names"),
-    [({"alpha": -1.0}, "alpha"), ({"beta": -0.5}, "beta"), ({"beta": math.inf}, "beta"), ({"alpha": True}, "alpha")],
+    [
+        ({"alpha": -1.0}, "alpha"),
+        ({"beta": -0.5}, "beta"),
+        ({"beta": math.inf}, "beta"),
+        ({"alpha": True}, "alpha"),
+    ],
 )
 def test_negative_or_non_numeric_weights_are_refused(loss, options, names):
     with pytest.raises((ValueError, TypeError), match=names):
