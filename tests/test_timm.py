@@ -241,7 +241,7 @@ def test_create_student_builds_and_wraps():
     student = create_student("resnet10t", order="kd_cls", num_classes=4, in_chans=1, channels=(4, 8, 16, 32))
     assert isinstance(student, AEKTStudent) and isinstance(student.model, timm.models.ResNet)
     assert student.order == "kd_cls" and student.num_classes == 4 and student.in_chans == 1
-    assert AEKTStudent(make_model("resnet")).order == aekt_plugin.DEFAULTS["order"]
+    assert AEKTStudent(make_model("resnet")).order == "cls_kd"  # the public signature of SPEC §4
 
 
 # --- distilled (DeiT) models ---------------------------------------------------------------------------
