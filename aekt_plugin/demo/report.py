@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -34,7 +35,9 @@ def write_results(path: str | Path, protocol: Mapping[str, Any], runs: Sequence[
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {m: {k: v for k, v in s.items() if k != "accuracies"} for m, s in summarize(runs).items()}
     blob = {"schema_version": RESULTS_SCHEMA_VERSION, "protocol": dict(protocol), "runs": list(runs), "summary": summary}
-    path.write_text(json.dumps(_jsonable(blob), indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(blob), indent=1) + "\n")
+    os.replace(tmp, path)  # readers never see a half-written file while a table runs
     return path
 
 
