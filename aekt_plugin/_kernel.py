@@ -129,7 +129,7 @@ def decoupled_forward(
     log_b_s, log_b_t = log_binary.unbind(0)
     log_ratio = log_b_t - log_b_s
 
-    tckd = (binary[1] * log_ratio).sum(dim=1, keepdim=True)  # KL(b^T ‖ b^S)
+    tckd = torch.linalg.vecdot(binary[1], log_ratio, dim=1).unsqueeze(1)  # KL(b^T ‖ b^S)
     inv_s_z, inv_s_v = non_target_sum.reciprocal_().unbind(0)
     nckd = cross.mul_(inv_s_v).add_(torch.sub(*log_s.unbind(0)))  # (N3)
     a, b = weight_rule(TargetStats(log_binary, log_ratio))

@@ -110,7 +110,7 @@ def target_classes(target: object, logits: torch.Tensor) -> torch.Tensor:
             f"target must have shape {tuple(expected)} for logits of shape {tuple(logits.shape)}, "
             f"got {tuple(target.shape)}"
         )
-    return target.long()
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_values(
@@ -175,7 +175,7 @@ def prepare_rows(
     return Rows(
         student=_as_rows(student_logits),
         teacher=_as_rows(teacher_logits),
-        classes=classes.reshape(-1),
+        classes=classes if classes.dim() == 1 else classes.reshape(-1),
         sample_shape=sample_shape,
         temperature=temperature,
     )

@@ -82,13 +82,14 @@ def _aekt_weights(
     """AEKT: ``a = α · min(q_t/p_t, w_max)`` (optionally divided by its batch mean), ``b = β``.
 
     The ratio is formed in log space, ``exp(min(log q_t - log p_t, log w_max))``, so an underflowing
-    ``p_t`` gives ``w_max`` rather than ``inf``; the batch-mean normalisation is applied there too,
-    ``w_i / mean(w) = exp(log w_i - (LSE_k log w_k - log B))``, so a batch of ratios too small for the
-    dtype still averages to 1. It is a stop-gradient constant (derivations, eq. (12)).
+    ``p_t`` gives ``w_max`` rather than ``inf``. The batch-mean normalisation is a softmax over the batch,
+    ``w_i / mean(w) = B · softmax(log w)_i``, which shifts by the largest ``log w`` first, so a batch of
+    ratios too small for the dtype still averages to 1. It is a stop-gradient constant (derivations,
+    eq. (12)).
     """
     log_ratio = stats.log_target_ratio.clamp(max=math.log(max_weight))
     if normalize_weight:
-        log_ratio = log_ratio.sub_(torch.logsumexp(log_ratio, dim=0).sub_(math.log(log_ratio.shape[0])))
+        return torch.softmax(log_ratio, dim=0).mul_(alpha * log_ratio.shape[0]), beta
     ratio = log_ratio.exp_()
     return (ratio.mul_(alpha) if alpha != 1.0 else ratio), beta
 
