@@ -140,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--table", choices=sorted(FILE_STEM), default="fmnist100")
     parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("5"))
     parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
-    parser.add_argument("--methods", choices=("main", "all"), default="all",
-                        help="main: CE, KD, DKD, AEKT only; all: plus ablations and β=8 probes")
+    parser.add_argument("--methods", choices=("main", "probes", "all"), default="all",
+                        help="main: CE, KD, DKD, AEKT only; probes: plus the β=8 probes; all: plus ablations too")
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -157,9 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods, groups, aliases, seeds_for = list(main4), [[m.name for m in main4]], {}, {}
         if args.methods == "all":
             abl, aliases = ablation_methods(main4[-1])
+            methods += abl
+            groups.append([m.name for m in abl])
+        if args.methods in ("all", "probes"):
             probes = probe_methods(main4)
-            methods += abl + probes
-            groups += [[m.name for m in abl], [m.name for m in probes]]
+            methods += probes
+            groups.append([m.name for m in probes])
             seeds_for = {m.name: args.probe_seeds for m in probes}
         prepared = prepare(SETTINGS[args.table], progress=not args.no_progress)
         t = prepared.teacher_info

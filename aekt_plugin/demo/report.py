@@ -116,7 +116,7 @@ def plot_results(runs: Sequence[Mapping[str, Any]], path: str | Path, *, title: 
             ax.errorbar(100 * s["mean"], y, xerr=std, fmt="|", color="black", ms=14, capsize=3, zorder=4)
     ax.set_yticks(range(len(methods)))
     ax.set_yticklabels(list(reversed(methods)))
-    ax.set_xlabel("test accuracy (%), last epoch — dots: seeds, bar: mean ± std, red x: collapsed")
+    ax.set_xlabel("test accuracy (%), last epoch\n(dots: seeds; bars: mean ± std; red ×: collapsed runs)")
     ax.grid(axis="x", alpha=0.3)
     if title:
         ax.set_title(title)
