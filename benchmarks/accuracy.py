@@ -139,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", choices=sorted(FILE_STEM), default="fmnist100")
     parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("5"))
+    parser.add_argument("--main-seeds", type=_parse_seeds, default=None,
+                        help="seeds of the four main rows (default: --seeds); more seeds narrow their intervals")
     parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
     parser.add_argument("--methods", choices=("main", "probes", "all"), default="all",
                         help="main: CE, KD, DKD, AEKT only; probes: plus the β=8 probes; all: plus ablations too")
@@ -164,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             methods += probes
             groups.append([m.name for m in probes])
             seeds_for = {m.name: args.probe_seeds for m in probes}
+        if args.main_seeds is not None:
+            seeds_for.update({m.name: args.main_seeds for m in main4})
         prepared = prepare(SETTINGS[args.table], progress=not args.no_progress)
         t = prepared.teacher_info
         print(f"teacher: {100 * t['accuracy']:.2f}% ({t['params']} params, cached={t.get('cached')})", flush=True)
