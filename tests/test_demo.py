@@ -213,7 +213,9 @@ def test_tiny_demo_writes_schema_conforming_results(tmp_path: Path, monkeypatch:
     # the teacher was cached under the user's cache dir, and a second run reuses it
     cached = list((cache_dir() / "teachers").glob("digits-*.pt"))
     assert len(cached) == 1
-    run_demo(["--tiny", "--seeds", "1", "--no-progress"])
+    from aekt_plugin import cli  # the `aekt demo` entry point hands its parsed namespace to run_demo
+
+    assert cli.main(["demo", "--tiny", "--seeds", "1", "--no-progress"]) == 0
     assert "(cached)" in capsys.readouterr().out
 
 

@@ -184,7 +184,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 3)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="student epochs (default: the dataset's setting)")
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA,
-                        help=f"β of DKD and AEKT (default {SMALL_PROBLEM_BETA}; 8 can collapse small students)")
+                        help=f"β of DKD and AEKT (default {SMALL_PROBLEM_BETA}, the small-network setting; "
+                             "aekt_plugin.DEFAULTS holds the CIFAR-100 value)")
     parser.add_argument("--out", type=Path, default=None, help="also write results.json, results.md and results.png here")
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-cache", action="store_true", help="retrain the teacher instead of using the cache")
