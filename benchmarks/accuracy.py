@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,8 +52,13 @@ def ablation_methods(aekt: MethodConfig) -> tuple[list[MethodConfig], dict[str, 
         variants.append(replace(aekt, name=f"AEKT order={order}", order=order))
     for w in (1.0, 2.0, 5.0, 10.0, math.inf):
         variants.append(replace(aekt, name=f"AEKT w_max={_fmt_w(w)}", max_weight=w))
-    variants.append(replace(aekt, name=f"AEKT normalize_weight={not aekt.normalize_weight}",
-                            normalize_weight=not aekt.normalize_weight))
+    variants.append(
+        replace(
+            aekt,
+            name=f"AEKT normalize_weight={not aekt.normalize_weight}",
+            normalize_weight=not aekt.normalize_weight,
+        )
+    )
     s_order = aekt.order or "cls_kd"
     variants.append(replace(aekt, name=f"AEKT {s_order} residual S", order=s_order, residual=True))
     variants.append(replace(aekt, name=f"AEKT {s_order} S no wd", order=s_order, s_weight_decay=False))
@@ -76,7 +82,10 @@ def _key(m: MethodConfig) -> tuple[Any, ...]:
 def probe_methods(main: Sequence[MethodConfig]) -> list[MethodConfig]:
     """β = 8 (the CIFAR-100 default) for DKD and AEKT: the collapse hazard of SPEC §6."""
     by = {m.name: m for m in main}
-    return [replace(by["DKD"], name="DKD beta=8", beta=8.0), replace(by["AEKT"], name="AEKT beta=8", beta=8.0)]
+    return [
+        replace(by["DKD"], name="DKD beta=8", beta=8.0),
+        replace(by["AEKT"], name="AEKT beta=8", beta=8.0),
+    ]
 
 
 def describe(m: MethodConfig) -> str:
@@ -89,8 +98,11 @@ def describe(m: MethodConfig) -> str:
     if m.loss == "aekt":
         parts += [f"w_max={_fmt_w(m.max_weight)}", f"normalize={m.normalize_weight}", f"order={m.order}"]
         if m.order is not None:
-            parts.append(("residual S" if m.residual else "S=I init") + ("" if m.s_weight_decay else ", S no wd")
-                         + ("" if m.s_lr_scale == 1 else f", S lr×{m.s_lr_scale:g}"))
+            parts.append(
+                ("residual S" if m.residual else "S=I init")
+                + ("" if m.s_weight_decay else ", S no wd")
+                + ("" if m.s_lr_scale == 1 else f", S lr×{m.s_lr_scale:g}")
+            )
     return ", ".join(parts)
 
 
@@ -109,26 +121,45 @@ def write_report(json_path: Path, stem: str, title: str) -> None:
     teacher = proto["teacher_result"]
     sp = proto["splits"]
     head = (
-        f"{title}. Teacher {teacher['model']} ({teacher['params']} params): {100 * teacher['accuracy']:.2f}% test. "
+        f"{title}. Teacher {teacher['model']} ({teacher['params']} params): "
+        f"{100 * teacher['accuracy']:.2f}% test. "
         f"Student {proto['student']['model']} ({runs[0]['params'] if runs else '?'} params), "
         f"{proto['student']['epochs']} epochs, {sp['n_train']} training / {sp['n_val']} validation / "
         f"{sp['n_test']} test examples, last epoch, accuracy in %."
     )
-    parts = [head, "", format_table(main, descriptions={m: desc(m) for m in ("CE", "KD", "DKD", "AEKT") if m in cfgs})]
+    parts = [
+        head,
+        "",
+        format_table(main, descriptions={m: desc(m) for m in ("CE", "KD", "DKD", "AEKT") if m in cfgs}),
+    ]
     abl = [n for n in cfgs if n.startswith("AEKT ") and "beta=" not in n]
     if abl:
         rows = [r for r in runs if r["method"] in ["AEKT", *abl, "DKD", "KD"]]
-        parts += ["", "Ablations around the default AEKT (paired differences against DKD and against the default):", "",
-                  format_table(rows, compare=[(n, "DKD") for n in ["AEKT", *abl]] + [(n, "AEKT") for n in abl],
-                               descriptions={n: desc(n) for n in ["AEKT", *abl, "DKD", "KD"]})]
+        parts += [
+            "",
+            "Ablations around the default AEKT (paired differences against DKD and against the default):",
+            "",
+            format_table(
+                rows,
+                compare=[(n, "DKD") for n in ["AEKT", *abl]] + [(n, "AEKT") for n in abl],
+                descriptions={n: desc(n) for n in ["AEKT", *abl, "DKD", "KD"]},
+            ),
+        ]
         if proto.get("aliases"):
-            parts += ["Rows equal to the default configuration (their runs are the AEKT row): "
-                      + ", ".join(f"{a} = {b}" for a, b in proto["aliases"].items()), ""]
+            parts += [
+                "Rows equal to the default configuration (their runs are the AEKT row): "
+                + ", ".join(f"{a} = {b}" for a, b in proto["aliases"].items()),
+                "",
+            ]
     probes = [n for n in cfgs if "beta=" in n]
     if probes:
         rows = [r for r in runs if r["method"] in probes]
-        parts += ["", "β = 8 probes (the CIFAR-100 weight on this small problem):", "",
-                  format_table(rows, compare=(), descriptions={n: desc(n) for n in probes})]
+        parts += [
+            "",
+            "β = 8 probes (the CIFAR-100 weight on this small problem):",
+            "",
+            format_table(rows, compare=(), descriptions={n: desc(n) for n in probes}),
+        ]
     md = "\n".join(parts)
     (RESULTS / f"{stem}_accuracy.md").write_text(md)
     plot_results(runs, RESULTS / f"{stem}_accuracy.png", title=title)
@@ -139,11 +170,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", choices=sorted(FILE_STEM), default="fmnist100")
     parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("5"))
-    parser.add_argument("--main-seeds", type=_parse_seeds, default=None,
-                        help="seeds of the four main rows (default: --seeds); more seeds narrow their intervals")
+    parser.add_argument(
+        "--main-seeds",
+        type=_parse_seeds,
+        default=None,
+        help="seeds of the four main rows (default: --seeds); more seeds narrow their intervals",
+    )
     parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
-    parser.add_argument("--methods", choices=("main", "probes", "all"), default="all",
-                        help="main: CE, KD, DKD, AEKT only; probes: plus the β=8 probes; all: plus ablations too")
+    parser.add_argument(
+        "--methods",
+        choices=("main", "probes", "all"),
+        default="all",
+        help="main: CE, KD, DKD, AEKT only; probes: plus the β=8 probes; all: plus ablations too",
+    )
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -153,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     stem = FILE_STEM[args.table]
     json_path = RESULTS / f"{stem}_accuracy.json"
-    title = {"fmnist100": "Fashion-MNIST-100", "fashion-mnist": "Fashion-MNIST (10 classes)", "digits": "digits"}[args.table]
+    title = {
+        "fmnist100": "Fashion-MNIST-100",
+        "fashion-mnist": "Fashion-MNIST (10 classes)",
+        "digits": "digits",
+    }[args.table]
     if not args.report_only:
         main4 = main_methods(beta=args.beta)
         methods, groups, aliases, seeds_for = list(main4), [[m.name for m in main4]], {}, {}
@@ -170,11 +213,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds_for.update({m.name: args.main_seeds for m in main4})
         prepared = prepare(SETTINGS[args.table], progress=not args.no_progress)
         t = prepared.teacher_info
-        print(f"teacher: {100 * t['accuracy']:.2f}% ({t['params']} params, cached={t.get('cached')})", flush=True)
-        run_table(prepared, methods, args.seeds, json_path=json_path, resume=args.resume,
-                  progress=not args.no_progress, seeds_for=seeds_for, groups=groups,
-                  protocol_extra={"aliases": aliases, "command": "python benchmarks/accuracy.py " + " ".join(
-                      argv if argv is not None else sys.argv[1:])})
+        print(
+            f"teacher: {100 * t['accuracy']:.2f}% ({t['params']} params, cached={t.get('cached')})",
+            flush=True,
+        )
+        run_table(
+            prepared,
+            methods,
+            args.seeds,
+            json_path=json_path,
+            resume=args.resume,
+            progress=not args.no_progress,
+            seeds_for=seeds_for,
+            groups=groups,
+            protocol_extra={
+                "aliases": aliases,
+                "command": "python benchmarks/accuracy.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+            },
+        )
     write_report(json_path, stem, title)
     return 0
 

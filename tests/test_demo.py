@@ -142,13 +142,15 @@ def test_t_quantile_matches_known_values() -> None:
 
 
 def _runs(method: str, accs: list[float], collapsed: tuple[int, ...] = ()) -> list[dict]:
-    return [{"method": method, "seed": i, "accuracy": a, "collapsed": i in collapsed} for i, a in enumerate(accs)]
+    return [
+        {"method": method, "seed": i, "accuracy": a, "collapsed": i in collapsed} for i, a in enumerate(accs)
+    ]
 
 
 def test_paired_difference_interval_from_first_principles() -> None:
     a = [0.80, 0.82, 0.81, 0.83, 0.79]
     offsets = [0.01, 0.03, 0.02, 0.02, 0.02]
-    b = [x - o for x, o in zip(a, offsets)]
+    b = [x - o for x, o in zip(a, offsets, strict=True)]
     d = paired_difference(_runs("A", a) + _runs("B", b), "A", "B")
     mean = sum(offsets) / 5
     sd = math.sqrt(sum((o - mean) ** 2 for o in offsets) / 4)
@@ -160,9 +162,12 @@ def test_paired_difference_interval_from_first_principles() -> None:
 
 
 def test_pairing_removes_shared_seed_noise() -> None:
-    """Seed effects much larger than the method effect: unpaired stds overlap, the paired interval does not."""
+    """Seed effects much larger than the method effect: unpaired stds overlap, the paired interval
+    does not."""
     seed_effect = [0.0, 0.05, -0.04, 0.03, -0.02, 0.06]
-    runs = _runs("A", [0.7 + e + 0.01 for e in seed_effect]) + _runs("B", [0.7 + e + 0.001 * i for i, e in enumerate(seed_effect)])
+    runs = _runs("A", [0.7 + e + 0.01 for e in seed_effect]) + _runs(
+        "B", [0.7 + e + 0.001 * i for i, e in enumerate(seed_effect)]
+    )
     s = summarize(runs)
     assert abs(s["A"]["mean"] - s["B"]["mean"]) < s["A"]["std"]
     assert not paired_difference(runs, "A", "B")["within_noise"]
@@ -186,7 +191,9 @@ def test_collapsed_runs_are_counted_not_averaged() -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_tiny_demo_writes_schema_conforming_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_tiny_demo_writes_schema_conforming_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     pytest.importorskip("sklearn")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from aekt_plugin.demo import run_demo

@@ -161,7 +161,13 @@ def load_fashion_mnist(
     x_tr, y_tr = _to_tensor(xtr), torch.from_numpy(ytr.astype(np.int64))
     x_tr, y_tr, x_val, y_val = _split_val(x_tr, y_tr, n_val, seed + 1)
     return Splits(
-        x_tr, y_tr, x_val, y_val, _to_tensor(xte), torch.from_numpy(yte.astype(np.int64)), 10,
+        x_tr,
+        y_tr,
+        x_val,
+        y_val,
+        _to_tensor(xte),
+        torch.from_numpy(yte.astype(np.int64)),
+        10,
         "fashion-mnist",
     )
 
@@ -186,7 +192,7 @@ def make_pairs(
     left = np.array([by_class[c][gen.integers(len(by_class[c]))] for c in left_cls])
     right = np.array([by_class[c][gen.integers(len(by_class[c]))] for c in right_cls])
     pair_images = np.concatenate([images[left], images[right]], axis=-1)
-    pair_labels = (10 * labels[left].astype(np.int64) + labels[right].astype(np.int64))
+    pair_labels = 10 * labels[left].astype(np.int64) + labels[right].astype(np.int64)
     return pair_images, pair_labels, np.stack([left, right], axis=1)
 
 

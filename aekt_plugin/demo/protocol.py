@@ -7,7 +7,7 @@ the training set (computed once; no augmentation, so they are exact for every ep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -88,6 +88,8 @@ def prepare(setting: Setting, *, cache: bool = True, progress: bool = True) -> P
     """Load the data of ``setting``, get its (cached) teacher and the teacher's training-set logits."""
     data = load_dataset(setting.dataset, **setting.data)
     key = {"dataset": setting.dataset, **setting.data}
-    teacher, info = get_teacher(data, key, setting.teacher, seed=setting.teacher_seed, cache=cache, progress=progress)
+    teacher, info = get_teacher(
+        data, key, setting.teacher, seed=setting.teacher_seed, cache=cache, progress=progress
+    )
     logits = predict_logits(teacher, data.x_train)
     return Prepared(setting, data, teacher, info, logits)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from .stats import paired_difference, summarize
 
@@ -34,7 +35,12 @@ def write_results(path: str | Path, protocol: Mapping[str, Any], runs: Sequence[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {m: {k: v for k, v in s.items() if k != "accuracies"} for m, s in summarize(runs).items()}
-    blob = {"schema_version": RESULTS_SCHEMA_VERSION, "protocol": dict(protocol), "runs": list(runs), "summary": summary}
+    blob = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "protocol": dict(protocol),
+        "runs": list(runs),
+        "summary": summary,
+    }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(blob), indent=1) + "\n")
     os.replace(tmp, path)  # readers never see a half-written file while a table runs
@@ -57,8 +63,8 @@ def format_table(
     runs: Sequence[Mapping[str, Any]],
     *,
     compare: Sequence[tuple[str, str]] = (("AEKT", "KD"), ("AEKT", "DKD")),
-    title: Optional[str] = None,
-    descriptions: Optional[Mapping[str, str]] = None,
+    title: str | None = None,
+    descriptions: Mapping[str, str] | None = None,
 ) -> str:
     """A markdown table of mean ± std accuracy (%) per method with collapsed-run counts, followed by the
     paired-by-seed differences ``compare`` with their 95% t-intervals."""
@@ -67,7 +73,9 @@ def format_table(
     if title:
         lines += [f"**{title}**", ""]
     has_desc = bool(descriptions)
-    head = "| method | accuracy (%) mean ± std | runs | collapsed |" + (" configuration |" if has_desc else "")
+    head = "| method | accuracy (%) mean ± std | runs | collapsed |" + (
+        " configuration |" if has_desc else ""
+    )
     lines += [head, "|---|---|---|---|" + ("---|" if has_desc else "")]
     for m, s in summary.items():
         acc = "all collapsed" if not s["accuracies"] else f"{_pct(s['mean'])} ± {_pct(s['std'])}"
@@ -77,7 +85,11 @@ def format_table(
         lines.append(row)
     diffs = [paired_difference(runs, a, b) for a, b in compare if a in summary and b in summary]
     if diffs:
-        lines += ["", "| paired by seed | mean difference (points) | 95% interval | n | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| paired by seed | mean difference (points) | 95% interval | n | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for d in diffs:
             if d["n"] < 2:
                 verdict = "too few pairs"

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -36,7 +35,7 @@ def package_defaults() -> dict[str, Any]:
     return dict(aekt_plugin.DEFAULTS)
 
 
-def main_methods(*, beta: float = SMALL_PROBLEM_BETA, temperature: Optional[float] = None) -> list[MethodConfig]:
+def main_methods(*, beta: float = SMALL_PROBLEM_BETA, temperature: float | None = None) -> list[MethodConfig]:
     """The four main rows: ``CE``, ``KD``, ``DKD`` and ``AEKT`` with the package defaults of ``max_weight``,
     ``normalize_weight`` and ``order`` (``temperature`` and ``alpha`` from the defaults too unless given;
     ``beta`` is the protocol's, shared by DKD and AEKT)."""
@@ -67,14 +66,18 @@ def _tqdm(iterable: Any, *, show: bool, **kwargs: Any) -> Any:
     return require("tqdm").tqdm(iterable, **kwargs)
 
 
-def protocol_record(prepared: Prepared, methods: Sequence[MethodConfig], seeds: Sequence[int]) -> dict[str, Any]:
+def protocol_record(
+    prepared: Prepared, methods: Sequence[MethodConfig], seeds: Sequence[int]
+) -> dict[str, Any]:
     """Everything that defines a table except the per-run results (stored in the JSON's ``protocol``)."""
     import aekt_plugin
 
     return {
         **prepared.setting.to_dict(),
         "splits": prepared.data.describe(),
-        "teacher_result": {k: v for k, v in prepared.teacher_info.items() if k not in ("path", "train_config", "data")},
+        "teacher_result": {
+            k: v for k, v in prepared.teacher_info.items() if k not in ("path", "train_config", "data")
+        },
         "methods": {m.name: m.to_dict() for m in methods},
         "seeds": list(seeds),
         "selection": "last epoch (no model selection on the test set)",
@@ -92,12 +95,12 @@ def run_table(
     methods: Sequence[MethodConfig],
     seeds: Sequence[int],
     *,
-    json_path: Optional[Path] = None,
+    json_path: Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    seeds_for: Optional[Mapping[str, Sequence[int]]] = None,
-    groups: Optional[Sequence[Sequence[str]]] = None,
-    protocol_extra: Optional[Mapping[str, Any]] = None,
+    seeds_for: Mapping[str, Sequence[int]] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+    protocol_extra: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) student; returns the run records.
 
@@ -116,7 +119,9 @@ def run_table(
     by_name = {m.name: m for m in methods}
     if len(by_name) != len(methods):
         raise ValueError("methods must have distinct names")
-    unknown = [n for g in (groups or []) for n in g if n not in by_name] + [n for n in seeds_for if n not in by_name]
+    unknown = [n for g in (groups or []) for n in g if n not in by_name] + [
+        n for n in seeds_for if n not in by_name
+    ]
     if unknown:
         raise ValueError(f"groups/seeds_for name unknown methods: {unknown}")
     protocol = protocol_record(prepared, methods, seeds)
@@ -132,8 +137,13 @@ def run_table(
     bar = _tqdm(work, show=progress, desc=f"{prepared.setting.dataset} runs", unit="run")
     for method, seed in bar:
         _, rec = train_student(
-            prepared.data, prepared.teacher_logits, method, prepared.setting.student, seed=seed,
-            progress=progress, desc=f"{method.name} s{seed}",
+            prepared.data,
+            prepared.teacher_logits,
+            method,
+            prepared.setting.student,
+            seed=seed,
+            progress=progress,
+            desc=f"{method.name} s{seed}",
         )
         runs.append(rec)
         if rec["collapsed"]:
@@ -178,23 +188,43 @@ def _positive_int(text: str) -> int:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``aekt demo`` to ``parser`` (the ``aekt`` CLI's sub-command parser)."""
-    parser.add_argument("--dataset", choices=sorted(SETTINGS), default="digits",
-                        help="digits (scikit-learn, default), fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)")
-    parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("3"),
-                        help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 3)")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="student epochs (default: the dataset's setting)")
-    parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA,
-                        help=f"β of DKD and AEKT (default {SMALL_PROBLEM_BETA}, the small-network setting; "
-                             "aekt_plugin.DEFAULTS holds the CIFAR-100 value)")
-    parser.add_argument("--out", type=Path, default=None, help="also write results.json, results.md and results.png here")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(SETTINGS),
+        default="digits",
+        help="digits (scikit-learn, default), fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_parse_seeds,
+        default=_parse_seeds("3"),
+        help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 3)",
+    )
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=None, help="student epochs (default: the dataset's setting)"
+    )
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=SMALL_PROBLEM_BETA,
+        help=f"β of DKD and AEKT (default {SMALL_PROBLEM_BETA}, the small-network setting; "
+        "aekt_plugin.DEFAULTS holds the CIFAR-100 value)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write results.json, results.md and results.png here"
+    )
     parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-cache", action="store_true", help="retrain the teacher instead of using the cache")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="retrain the teacher instead of using the cache"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long setting (tiny models, 2 epochs) for smoke tests")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a seconds-long setting (tiny models, 2 epochs) for smoke tests"
+    )
     return parser
 
 
-def run_demo(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> dict[str, Any]:
+def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str, Any]:
     """Run ``aekt demo`` with ``argv`` (a list of strings, or a parsed namespace); print and return the
     results ``{"protocol", "runs", "table"}``."""
     if isinstance(argv, argparse.Namespace):
@@ -216,7 +246,8 @@ def run_demo(argv: Optional[Sequence[str] | argparse.Namespace] = None) -> dict[
     prepared = prepare(setting, cache=not args.no_cache, progress=show)
     teacher = prepared.teacher_info
     print(
-        f"teacher ({teacher['model']}, {teacher['params']} params): test accuracy {100 * teacher['accuracy']:.2f}%"
+        f"teacher ({teacher['model']}, {teacher['params']} params): "
+        f"test accuracy {100 * teacher['accuracy']:.2f}%"
         f"{' (cached)' if teacher.get('cached') else ''}"
     )
     methods = main_methods(beta=args.beta)

@@ -11,15 +11,43 @@ differences rather than averaged in.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["paired_difference", "summarize", "t_quantile"]
 
 # two-sided 95% (one-sided 0.975) quantiles of Student's t, df = 1..30
 _T975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
 )
 
 
@@ -71,9 +99,11 @@ def paired_difference(runs: Iterable[Mapping[str, Any]], method_a: str, method_b
         if r["method"] in by_seed:
             by_seed[r["method"]][r["seed"]] = r
     seeds = sorted(
-        s for s in by_seed[method_a]
+        s
+        for s in by_seed[method_a]
         if s in by_seed[method_b]
-        and not by_seed[method_a][s].get("collapsed") and not by_seed[method_b][s].get("collapsed")
+        and not by_seed[method_a][s].get("collapsed")
+        and not by_seed[method_b][s].get("collapsed")
     )
     diffs = [float(by_seed[method_a][s]["accuracy"]) - float(by_seed[method_b][s]["accuracy"]) for s in seeds]
     mean, std = _mean_std(diffs)
@@ -85,5 +115,14 @@ def paired_difference(runs: Iterable[Mapping[str, Any]], method_a: str, method_b
     else:
         low = high = float("nan")
         within = True
-    return {"a": method_a, "b": method_b, "n": n, "seeds": seeds, "mean": mean, "std": std,
-            "ci_low": low, "ci_high": high, "within_noise": within}
+    return {
+        "a": method_a,
+        "b": method_b,
+        "n": n,
+        "seeds": seeds,
+        "mean": mean,
+        "std": std,
+        "ci_low": low,
+        "ci_high": high,
+        "within_noise": within,
+    }

@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ class MethodConfig:
     beta: float = 2.0
     max_weight: float = 5.0
     normalize_weight: bool = True
-    order: Optional[str] = None
+    order: str | None = None
     residual: bool = False
     s_weight_decay: bool = True
     s_lr_scale: float = 1.0
@@ -109,7 +110,9 @@ def is_collapsed(accuracy: float, num_classes: int, factor: float = 2.0) -> bool
 
 
 @torch.no_grad()
-def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 512
+) -> torch.Tensor:
     """Logits of ``model`` on ``x`` in eval mode, batched."""
     was_training = getattr(model, "training", False)
     if isinstance(model, nn.Module):
@@ -147,14 +150,25 @@ def _tqdm(iterable: Any, *, show: bool, **kwargs: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------- teacher
 def _teacher_key(data: Splits, data_key: dict[str, Any], cfg: TrainConfig, seed: int) -> str:
-    payload = json.dumps({"data": data_key, "train": cfg.to_dict(), "seed": seed, "shape": list(data.input_shape),
-                          "classes": data.num_classes}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {
+            "data": data_key,
+            "train": cfg.to_dict(),
+            "seed": seed,
+            "shape": list(data.input_shape),
+            "classes": data.num_classes,
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def train_teacher(data: Splits, cfg: TrainConfig, *, seed: int = 0, progress: bool = True) -> nn.Module:
     """Train a teacher with cross-entropy only (same loop as the students, CE method)."""
-    model, _ = train_student(data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress)
+    model, _ = train_student(
+        data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress
+    )
     return model.student  # type: ignore[return-value]
 
 
@@ -204,7 +218,7 @@ def get_teacher(
 
 
 # --------------------------------------------------------------------------------------------- student
-def _loss_fn(method: MethodConfig) -> Optional[Callable[..., torch.Tensor]]:
+def _loss_fn(method: MethodConfig) -> Callable[..., torch.Tensor] | None:
     import aekt_plugin as ak
 
     if method.loss == "ce":
@@ -212,17 +226,26 @@ def _loss_fn(method: MethodConfig) -> Optional[Callable[..., torch.Tensor]]:
     if method.loss == "kd":
         return lambda s, t, y: ak.kd_loss(s, t, y, temperature=method.temperature, validate_args=False)
     if method.loss == "dkd":
-        return lambda s, t, y: ak.dkd_loss(s, t, y, temperature=method.temperature, alpha=method.alpha,
-                                           beta=method.beta, validate_args=False)
-    return lambda s, t, y: ak.aekt_loss(s, t, y, temperature=method.temperature, alpha=method.alpha,
-                                        beta=method.beta, max_weight=method.max_weight,
-                                        normalize_weight=method.normalize_weight, validate_args=False)
+        return lambda s, t, y: ak.dkd_loss(
+            s, t, y, temperature=method.temperature, alpha=method.alpha, beta=method.beta, validate_args=False
+        )
+    return lambda s, t, y: ak.aekt_loss(
+        s,
+        t,
+        y,
+        temperature=method.temperature,
+        alpha=method.alpha,
+        beta=method.beta,
+        max_weight=method.max_weight,
+        normalize_weight=method.normalize_weight,
+        validate_args=False,
+    )
 
 
 class _Classifier(nn.Module):
     """Student + optional serial layer; ``forward`` returns the classification logits ``z_cls``."""
 
-    def __init__(self, student: nn.Module, serial: Optional[nn.Module]) -> None:
+    def __init__(self, student: nn.Module, serial: nn.Module | None) -> None:
         super().__init__()
         self.student = student
         self.serial = serial
@@ -241,13 +264,13 @@ class _Classifier(nn.Module):
 
 def train_student(
     data: Splits,
-    teacher_logits: Optional[torch.Tensor],
+    teacher_logits: torch.Tensor | None,
     method: MethodConfig,
     cfg: TrainConfig,
     *,
     seed: int,
     progress: bool = True,
-    desc: Optional[str] = None,
+    desc: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one student with ``method``; returns the model (``forward`` = ``z_cls``) and its record.
 
@@ -263,19 +286,26 @@ def train_student(
         raise ValueError(f"method {method.name!r} ({method.loss}) needs teacher_logits")
     if teacher_logits is not None and teacher_logits.shape != (data.x_train.shape[0], data.num_classes):
         raise ValueError(
-            f"teacher_logits must have shape {(data.x_train.shape[0], data.num_classes)}, got {tuple(teacher_logits.shape)}"
+            f"teacher_logits must have shape {(data.x_train.shape[0], data.num_classes)}, "
+            f"got {tuple(teacher_logits.shape)}"
         )
     torch.manual_seed(seed)
     student = make_model(cfg.model, data.input_shape[0], data.num_classes)
-    serial: Optional[nn.Module] = None
+    serial: nn.Module | None = None
     if method.order is not None:
         serial = ak.SerialLayer(data.num_classes, order=method.order, residual=method.residual)
     model = _Classifier(student, serial)
-    groups: list[dict[str, Any]] = [{"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}]
+    groups: list[dict[str, Any]] = [
+        {"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}
+    ]
     if serial is not None:
-        groups.append({"params": list(serial.parameters()),
-                       "weight_decay": cfg.weight_decay if method.s_weight_decay else 0.0,
-                       "lr_scale": method.s_lr_scale})
+        groups.append(
+            {
+                "params": list(serial.parameters()),
+                "weight_decay": cfg.weight_decay if method.s_weight_decay else 0.0,
+                "lr_scale": method.s_lr_scale,
+            }
+        )
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     n = data.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
