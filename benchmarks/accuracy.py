@@ -106,6 +106,17 @@ def describe(m: MethodConfig) -> str:
     return ", ".join(parts)
 
 
+def _common_seeds(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[int]:
+    per = [{r["seed"] for r in runs if r["method"] == m} for m in methods]
+    return sorted(set.intersection(*per)) if per else []
+
+
+def _seed_text(seeds: Sequence[int]) -> str:
+    if seeds and list(seeds) == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
 def write_report(json_path: Path, stem: str, title: str) -> None:
     """Markdown tables (main rows, ablations, probes) and the PNG plot from a results JSON."""
     blob = read_results(json_path)
@@ -134,10 +145,12 @@ def write_report(json_path: Path, stem: str, title: str) -> None:
     ]
     abl = [n for n in cfgs if n.startswith("AEKT ") and "beta=" not in n]
     if abl:
-        rows = [r for r in runs if r["method"] in ["AEKT", *abl, "DKD", "KD"]]
+        seeds = _common_seeds(runs, abl)
+        rows = [r for r in runs if r["method"] in ["AEKT", *abl, "DKD", "KD"] and r["seed"] in seeds]
         parts += [
             "",
-            "Ablations around the default AEKT (paired differences against DKD and against the default):",
+            f"Ablations around the default AEKT, seeds {_seed_text(seeds)} for every row (paired differences "
+            "against DKD and against the default):",
             "",
             format_table(
                 rows,
@@ -153,12 +166,19 @@ def write_report(json_path: Path, stem: str, title: str) -> None:
             ]
     probes = [n for n in cfgs if "beta=" in n]
     if probes:
-        rows = [r for r in runs if r["method"] in probes]
+        seeds = _common_seeds(runs, probes)
+        base = {n: n.split(" beta=")[0] for n in probes}
+        rows = [r for r in runs if r["method"] in [*probes, *base.values()] and r["seed"] in seeds]
         parts += [
             "",
-            "β = 8 probes (the CIFAR-100 weight on this small problem):",
+            f"β = 8 probes (the CIFAR-100 weight on this small problem), seeds {_seed_text(seeds)}, "
+            f"against the same methods with β = {cfgs[base[probes[0]]]['beta']:g} on the same seeds:",
             "",
-            format_table(rows, compare=(), descriptions={n: desc(n) for n in probes}),
+            format_table(
+                rows,
+                compare=[(n, base[n]) for n in probes],
+                descriptions={n: desc(n) for n in [*probes, *base.values()]},
+            ),
         ]
     md = "\n".join(parts)
     (RESULTS / f"{stem}_accuracy.md").write_text(md)
