@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import DEFAULTS, SerialLayer, aekt_loss, check_order, configs, dkd_loss, split_logits, warmup_factor
+from . import DEFAULTS, AEKTLoss, DKDLoss, SerialLayer, check_order, configs, split_logits, warmup_factor
 from ._validation import check_non_negative, check_positive
 
 __all__ = [
@@ -274,6 +274,7 @@ class _LogitDistiller:
     """
 
     cfg_node: ClassVar[str]
+    loss_class: ClassVar[type[nn.Module]]
     student: nn.Module
     teacher: nn.Module
     serial: SerialLayer | None
@@ -284,10 +285,15 @@ class _LogitDistiller:
         prefix = self.cfg_node
         self.ce_loss_weight = check_non_negative(f"{prefix}.CE_WEIGHT", node.CE_WEIGHT)
         self.warmup = check_non_negative(f"{prefix}.WARMUP", node.WARMUP)
-        self.temperature = check_positive(f"{prefix}.T", node.T)
-        self.alpha = check_non_negative(f"{prefix}.ALPHA", node.ALPHA)
-        self.beta = check_non_negative(f"{prefix}.BETA", node.BETA)
-        self._read_options(node)
+        # validate_args=False: a training step is the hot loop of SPEC §4 (no host sync per step); shapes,
+        # dtypes and options are still checked. The options are checked here first, under their yaml names.
+        self.kd_criterion = self.loss_class(
+            temperature=check_positive(f"{prefix}.T", node.T),
+            alpha=check_non_negative(f"{prefix}.ALPHA", node.ALPHA),
+            beta=check_non_negative(f"{prefix}.BETA", node.BETA),
+            validate_args=False,
+            **self._read_options(node),
+        )
         order = self._order(node)
         num_classes = self._check_class_counts(student, teacher, order)
         self.serial = None if order is None else SerialLayer(num_classes, order=order)
@@ -297,8 +303,9 @@ class _LogitDistiller:
             _register_state_dict_hook(student, _FoldSerialIntoClassifier(self.serial, found[0]))  # type: ignore[arg-type]
 
     # -- configuration -----------------------------------------------------------------------------------
-    def _read_options(self, node: Any) -> None:
-        """Read loss options beyond ``T``, ``ALPHA`` and ``BETA`` (none for DKD)."""
+    def _read_options(self, node: Any) -> dict[str, Any]:
+        """Loss options beyond ``T``, ``ALPHA`` and ``BETA`` (none for DKD), checked under yaml names."""
+        return {}
 
     def _order(self, node: Any) -> str | None:
         return None
@@ -352,7 +359,7 @@ class _LogitDistiller:
             logits_teacher = _logits(self.teacher(image), "teacher")
         z_cls, z_kd = split_logits(head, self.serial)
         loss_ce = self.ce_loss_weight * F.cross_entropy(z_cls, target)
-        loss_kd = self._warmup_factor(kwargs.get("epoch")) * self._kd_loss(z_kd, logits_teacher, target)
+        loss_kd = self._warmup_factor(kwargs.get("epoch")) * self.kd_criterion(z_kd, logits_teacher, target)
         return z_cls, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
     def forward_test(self, image: Tensor) -> Tensor:
@@ -372,9 +379,6 @@ class _LogitDistiller:
                 )
             return 1.0
         return warmup_factor(float(epoch), self.warmup)  # type: ignore[arg-type]
-
-    def _kd_loss(self, z_kd: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
 
 
 class _AEKTDistiller(_LogitDistiller):
@@ -397,32 +401,20 @@ class _AEKTDistiller(_LogitDistiller):
     """
 
     cfg_node = CFG_NODE
+    loss_class = AEKTLoss
 
-    def _read_options(self, node: Any) -> None:
-        self.max_weight = check_positive(f"{self.cfg_node}.MAX_WEIGHT", node.MAX_WEIGHT, allow_inf=True)
+    def _read_options(self, node: Any) -> dict[str, Any]:
         if not isinstance(node.NORMALIZE_WEIGHT, bool):
             raise TypeError(
                 f"{self.cfg_node}.NORMALIZE_WEIGHT must be a bool, got {type(node.NORMALIZE_WEIGHT).__name__}"
             )
-        self.normalize_weight = node.NORMALIZE_WEIGHT
+        return {
+            "max_weight": check_positive(f"{self.cfg_node}.MAX_WEIGHT", node.MAX_WEIGHT, allow_inf=True),
+            "normalize_weight": node.NORMALIZE_WEIGHT,
+        }
 
     def _order(self, node: Any) -> str | None:
         return _parse_order(node.ORDER, f"{self.cfg_node}.ORDER")
-
-    def _kd_loss(self, z_kd: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
-        # validate_args=False: a training step is the hot loop of SPEC §4 (no host sync per step);
-        # shapes, dtypes and options are still checked.
-        return aekt_loss(
-            z_kd,
-            logits_teacher,
-            target,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            beta=self.beta,
-            max_weight=self.max_weight,
-            normalize_weight=self.normalize_weight,
-            validate_args=False,
-        )
 
 
 class _DKDFusedDistiller(_LogitDistiller):
@@ -434,17 +426,7 @@ class _DKDFusedDistiller(_LogitDistiller):
     """
 
     cfg_node = "DKD"
-
-    def _kd_loss(self, z_kd: Tensor, logits_teacher: Tensor, target: Tensor) -> Tensor:
-        return dkd_loss(
-            z_kd,
-            logits_teacher,
-            target,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            beta=self.beta,
-            validate_args=False,
-        )
+    loss_class = DKDLoss
 
 
 _MIXINS: dict[str, type] = {"AEKT": _AEKTDistiller, "DKD_FUSED": _DKDFusedDistiller}
