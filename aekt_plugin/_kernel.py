@@ -87,7 +87,7 @@ def decoupled_forward(
     *,
     grad_scale: float | None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-sample loss (D1), shape ``(B,)``, and ``grad_scale ·`` its gradient (G1, G2), or ``None``.
+    """Per-sample loss (D1), shape ``(B, 1)``, and ``grad_scale ·`` its gradient (G1, G2), or ``None``.
 
     ``student_logits``/``teacher_logits`` are ``(B, C)``, ``target`` int64 ``(B,)``. The loss is returned in
     ``float32`` (or ``float64`` for double inputs); the gradient in the student's dtype.
@@ -102,21 +102,21 @@ def decoupled_forward(
     scaled.mul_(1.0 / temperature)
     scaled_z, scaled_v = scaled.unbind(0)
     index = target.view(1, num_samples, 1).expand(2, num_samples, 1)
+    target_index = index[0]
     logit_t = scaled.gather(2, index)
-    # Shift by the non-target maximum m. The target entry is set to m first, so it becomes exactly 0:
-    # every entry stays finite (N3 needs no mask) and exp gives exactly 1 there.
+    # Shift by the non-target maximum m; the target entry stays -inf, so exp gives exactly 0 there and the
+    # row sums are s = Σ_{k≠t} exp(·) >= 1 (the largest non-target term is exp(0)).
     scaled.scatter_(2, index, float("-inf"))
     non_target_max = scaled.amax(dim=2, keepdim=True)
-    scaled.scatter_(2, index, non_target_max)
     scaled.sub_(non_target_max)
 
-    # The shifted gap (v_j - z_j)/T - m_v + m_z of (N3), 0 at the target: it is exactly 0 wherever the two
-    # rows differ by a constant, so NCKD's precision does not depend on a per-row logit offset. Its buffer
-    # later receives the gradient, so the saved gradient owns one B×C storage of its own.
-    shifted_gap = scaled_v - scaled_z
-    exps = scaled.exp_()  # exactly 1 at the target
+    # The shifted gap (v_j - z_j)/T - m_v + m_z of (N3), set to 0 at the target (-inf - -inf there): it is
+    # exactly 0 wherever the two rows differ by a constant, so NCKD's precision does not depend on a per-row
+    # logit offset. Its buffer later receives the gradient, so the saved gradient owns one B×C storage.
+    shifted_gap = torch.sub(scaled_v, scaled_z).scatter_(1, target_index, 0.0)
+    exps = scaled.exp_()
     student_exps, teacher_exps = exps.unbind(0)
-    non_target_sum = exps.sum(dim=2, keepdim=True).sub_(1.0)  # s = Σ_{k≠t} exp(·) >= 1
+    non_target_sum = exps.sum(dim=2, keepdim=True)
     cross = torch.linalg.vecdot(teacher_exps, shifted_gap, dim=1).unsqueeze(1)
     log_s = non_target_sum.log()
     lse_non_target = non_target_max.add_(log_s)  # (N1)
@@ -124,7 +124,7 @@ def decoupled_forward(
     # of log-sum-exps, but log σ keeps full relative precision of a tiny 1 - p_t or p_t.
     # Index 0 holds [log p_t, log(1 - p_t)], index 1 [log q_t, log(1 - q_t)].
     target_margin = logit_t.sub_(lse_non_target)
-    log_binary = F.logsigmoid(torch.cat((target_margin, target_margin.neg()), dim=2))
+    log_binary = F.logsigmoid(target_margin * _margin_signs(target_margin))
     binary = log_binary.exp()
     log_b_s, log_b_t = log_binary.unbind(0)
     log_ratio = log_b_t - log_b_s
@@ -133,7 +133,7 @@ def decoupled_forward(
     inv_s_z, inv_s_v = non_target_sum.reciprocal_().unbind(0)
     nckd = cross.mul_(inv_s_v).add_(torch.sub(*log_s.unbind(0)))  # (N3)
     a, b = weight_rule(TargetStats(log_binary, log_ratio))
-    loss = _weighted_sum(tckd, a, nckd, b, scale=temperature**2).view(-1)  # (D1)
+    loss = _weighted_sum(tckd, a, nckd, b, scale=temperature**2)  # (D1), shape (B, 1)
     if grad_scale is None:
         return loss, None
 
@@ -148,8 +148,19 @@ def decoupled_forward(
         grad.addcmul_(teacher_exps, inv_s_v.mul_(scaled_b), value=-1.0)
     else:
         grad.addcmul_(teacher_exps, inv_s_v, value=-scaled_b)
-    grad.scatter_(1, index[0], target_gap)  # (G1): T a (p_t - q_t)
+    grad.scatter_(1, target_index, target_gap)  # (G1): T a (p_t - q_t)
     return loss, grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
+
+
+_SIGNS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _margin_signs(like: Tensor) -> Tensor:
+    """``[1, -1]`` on ``like``'s dtype and device (made once), so ``d · signs = [d, -d]`` in one operation."""
+    key = (like.dtype, like.device)
+    if key not in _SIGNS:
+        _SIGNS[key] = torch.tensor([1.0, -1.0], dtype=like.dtype, device=like.device)
+    return _SIGNS[key]
 
 
 def _weighted_sum(
@@ -191,7 +202,7 @@ class DecoupledKDFunction(torch.autograd.Function):
             return loss.mean()
         if reduction == "sum":
             return loss.sum()
-        return loss
+        return loss.view(-1)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor):  # type: ignore[override]
