@@ -159,7 +159,9 @@ def _margin_signs(like: Tensor) -> Tensor:
     """``[1, -1]`` on ``like``'s dtype and device (made once), so ``d · signs = [d, -d]`` in one operation."""
     key = (like.dtype, like.device)
     if key not in _SIGNS:
-        _SIGNS[key] = torch.tensor([1.0, -1.0], dtype=like.dtype, device=like.device)
+        signs = torch.ones(2, dtype=like.dtype, device=like.device)
+        signs[1] = -1.0  # a fill on the device, not a copy from the host (no synchronisation on CUDA)
+        _SIGNS[key] = signs
     return _SIGNS[key]
 
 
