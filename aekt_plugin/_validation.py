@@ -35,6 +35,13 @@ def check_non_negative(name: str, value: object) -> float:
     return number
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` after checking that it is a ``bool`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_reduction(reduction: object) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

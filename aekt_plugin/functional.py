@@ -182,8 +182,7 @@ def aekt_loss(
     alpha = _validation.check_non_negative("alpha", alpha)
     beta = _validation.check_non_negative("beta", beta)
     max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
-    if not isinstance(normalize_weight, bool):
-        raise TypeError(f"normalize_weight must be a bool, got {type(normalize_weight).__name__}")
+    _validation.check_bool("normalize_weight", normalize_weight)
 
     def weight_rule(stats: TargetStats) -> tuple[Tensor, float]:
         return _aekt_weights(

@@ -99,9 +99,7 @@ class AEKTLoss(DKDLoss):
             temperature=temperature, alpha=alpha, beta=beta, reduction=reduction, validate_args=validate_args
         )
         self.max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
-        if not isinstance(normalize_weight, bool):
-            raise TypeError(f"normalize_weight must be a bool, got {type(normalize_weight).__name__}")
-        self.normalize_weight = normalize_weight
+        self.normalize_weight = _validation.check_bool("normalize_weight", normalize_weight)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         return aekt_loss(

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import DEFAULTS, AEKTLoss, DKDLoss, SerialLayer, check_order, configs, split_logits, warmup_factor
-from ._validation import check_non_negative, check_positive
+from ._validation import check_bool, check_non_negative, check_positive
 
 __all__ = [
     "CFG_NODE",
@@ -404,13 +404,9 @@ class _AEKTDistiller(_LogitDistiller):
     loss_class = AEKTLoss
 
     def _read_options(self, node: Any) -> dict[str, Any]:
-        if not isinstance(node.NORMALIZE_WEIGHT, bool):
-            raise TypeError(
-                f"{self.cfg_node}.NORMALIZE_WEIGHT must be a bool, got {type(node.NORMALIZE_WEIGHT).__name__}"
-            )
         return {
             "max_weight": check_positive(f"{self.cfg_node}.MAX_WEIGHT", node.MAX_WEIGHT, allow_inf=True),
-            "normalize_weight": node.NORMALIZE_WEIGHT,
+            "normalize_weight": check_bool(f"{self.cfg_node}.NORMALIZE_WEIGHT", node.NORMALIZE_WEIGHT),
         }
 
     def _order(self, node: Any) -> str | None:

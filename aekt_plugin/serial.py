@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validation import check_order
+from ._validation import check_bool, check_order
 
 __all__ = ["SerialLayer", "split_logits", "warmup_factor"]
 
@@ -58,10 +58,8 @@ class SerialLayer(nn.Module):
             raise ValueError(
                 "order must be 'cls_kd' or 'kd_cls' for a SerialLayer; use no layer for order=None"
             )
-        if not isinstance(residual, bool):
-            raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
         self.order = order
-        self.residual = residual
+        self.residual = check_bool("residual", residual)
         self.weight = nn.Parameter(torch.empty(0, 0))
         self.bias = nn.Parameter(torch.empty(0))
         self.reset(num_classes)

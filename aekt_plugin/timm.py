@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import DEFAULTS, SerialLayer, aekt_loss, check_order, split_logits, warmup_factor
+from ._validation import check_bool
 
 _TIMM_MIN_VERSION = (1, 0, 23)
 
@@ -233,8 +234,7 @@ class AEKTStudent(nn.Module):
         if isinstance(model, AEKTStudent):
             raise TypeError("model is already an AEKTStudent; wrap the timm model once")
         _check_timm_classifier(model)
-        if not isinstance(serial_weight_decay, bool):
-            raise TypeError(f"serial_weight_decay must be a bool, got {type(serial_weight_decay).__name__}")
+        check_bool("serial_weight_decay", serial_weight_decay)
         self.model = model
         self.order = order
         self.serial = (
