@@ -53,24 +53,13 @@ class TargetStats:
         self.log_ratio = log_ratio
 
     @property
-    def log_p_t(self) -> Tensor:
-        return self.log_binary[0, :, :1]
-
-    @property
-    def log_1m_p_t(self) -> Tensor:
-        return self.log_binary[0, :, 1:]
-
-    @property
-    def log_q_t(self) -> Tensor:
-        return self.log_binary[1, :, :1]
-
-    @property
     def log_1m_q_t(self) -> Tensor:
+        """``log(1 - q_t)`` (KD's implicit weight)."""
         return self.log_binary[1, :, 1:]
 
     @property
     def log_target_ratio(self) -> Tensor:
-        """``log(q_t / p_t)``."""
+        """``log(q_t / p_t)`` (AEKT's explicit weight)."""
         return self.log_ratio[:, :1]
 
 
