@@ -46,9 +46,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 try:
     import timm  # the real timm: absolute import, not this module
 except ImportError as exc:  # pragma: no cover - exercised only without timm installed
-    raise ImportError(
-        "aekt_plugin.timm needs timm >= 1.0.23 (pip install 'aekt-plugin[timm]')"
-    ) from exc
+    raise ImportError("aekt_plugin.timm needs timm >= 1.0.23 (pip install 'aekt-plugin[timm]')") from exc
 
 if _version_tuple(timm.__version__) < _TIMM_MIN_VERSION:  # pragma: no cover - depends on the install
     raise ImportError(

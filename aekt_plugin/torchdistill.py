@@ -199,10 +199,12 @@ class _IOLogitLoss(nn.Module):
         """
         if targets is None:
             raise ValueError(f"{self._loss_name} needs the targets (class labels); torchdistill passed None")
-        z = _read_logits(student_io_dict, "student", self.student_module_path, self.student_module_io,
-                         self._loss_name)
-        v = _read_logits(teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io,
-                         self._loss_name)
+        z = _read_logits(
+            student_io_dict, "student", self.student_module_path, self.student_module_io, self._loss_name
+        )
+        v = _read_logits(
+            teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io, self._loss_name
+        )
         loss = self.criterion(z, v, targets)
         if self.warmup_steps > 0:
             factor = self.warmup_factor()
@@ -267,13 +269,21 @@ class AEKTLoss(_IOLogitLoss):
         validate_args: bool = True,
     ) -> None:
         criterion = core.AEKTLoss(
-            temperature=temperature, alpha=alpha, beta=beta, max_weight=max_weight,
-            normalize_weight=normalize_weight, reduction=_check_reduction(reduction),
+            temperature=temperature,
+            alpha=alpha,
+            beta=beta,
+            max_weight=max_weight,
+            normalize_weight=normalize_weight,
+            reduction=_check_reduction(reduction),
             validate_args=validate_args,
         )
         super().__init__(
-            student_module_path, student_module_io, teacher_module_path, teacher_module_io,
-            criterion=criterion, warmup_steps=warmup_steps,
+            student_module_path,
+            student_module_io,
+            teacher_module_path,
+            teacher_module_io,
+            criterion=criterion,
+            warmup_steps=warmup_steps,
         )
 
     def extra_repr(self) -> str:
@@ -306,12 +316,19 @@ class DKDLoss(_IOLogitLoss):
         validate_args: bool = True,
     ) -> None:
         criterion = core.DKDLoss(
-            temperature=temperature, alpha=alpha, beta=beta, reduction=_check_reduction(reduction),
+            temperature=temperature,
+            alpha=alpha,
+            beta=beta,
+            reduction=_check_reduction(reduction),
             validate_args=validate_args,
         )
         super().__init__(
-            student_module_path, student_module_io, teacher_module_path, teacher_module_io,
-            criterion=criterion, warmup_steps=warmup_steps,
+            student_module_path,
+            student_module_io,
+            teacher_module_path,
+            teacher_module_io,
+            criterion=criterion,
+            warmup_steps=warmup_steps,
         )
 
     def extra_repr(self) -> str:
@@ -464,8 +481,11 @@ def _register_one(registry: dict[str, Any], register: Callable[..., Any], key: s
     if current is not None and not _same_object(current, obj):
         _logger.warning(
             "torchdistill key %r was registered by %s.%s; aekt_plugin replaces it with %s.%s",
-            key, getattr(current, "__module__", "?"), getattr(current, "__qualname__", "?"),
-            obj.__module__, obj.__qualname__,
+            key,
+            getattr(current, "__module__", "?"),
+            getattr(current, "__qualname__", "?"),
+            obj.__module__,
+            obj.__qualname__,
         )
     register(key=key)(obj)
 

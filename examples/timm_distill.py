@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument(
-        "--order", choices=("cls_kd", "kd_cls", "none"), default="kd_cls",
+        "--order",
+        choices=("cls_kd", "kd_cls", "none"),
+        default="kd_cls",
         help="serial-layer order (the package default is aekt_plugin.DEFAULTS['order']; kd_cls shows fold())",
     )
     parser.add_argument("--temperature", type=float, default=4.0)
@@ -202,9 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(
         TensorDataset(x_tr, y_tr), batch_size=args.batch_size, shuffle=True, drop_last=True, generator=gen
     )
-    mixup = (
-        Mixup(mixup_alpha=args.mixup, label_smoothing=0.0, num_classes=10) if args.mixup > 0 else None
-    )
+    mixup = Mixup(mixup_alpha=args.mixup, label_smoothing=0.0, num_classes=10) if args.mixup > 0 else None
     print(
         f"{args.dataset}: {len(y_tr)} train / {len(y_te)} test images {tuple(x_tr.shape[1:])}, "
         f"timm {timm.__version__}, {args.threads} thread(s)"
@@ -218,8 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     order = None if args.order == "none" else args.order
     student = AEKTStudent(student_model, order=order)  # change 1 of 2: wrap the student
     task = AEKTDistillationTask(  # change 2 of 2: swap the task (was LogitDistillationTask)
-        student, teacher, temperature=args.temperature, beta=args.beta, warmup_epochs=args.warmup_epochs,
-        updates_per_epoch=len(loader), verbose=False,
+        student,
+        teacher,
+        temperature=args.temperature,
+        beta=args.beta,
+        warmup_epochs=args.warmup_epochs,
+        updates_per_epoch=len(loader),
+        verbose=False,
     )
     train(task, student, loader, args, args.epochs, f"AEKT student ({args.order})", mixup)
     results[f"AEKT student ({args.order})"] = evaluate(student, x_te, y_te)

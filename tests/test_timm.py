@@ -19,7 +19,6 @@ from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.task import DistillationTeacher, TrainingTask  # noqa: E402
 
-import aekt_plugin  # noqa: E402
 from aekt_plugin import aekt_loss  # noqa: E402
 from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, create_student  # noqa: E402
 
@@ -421,9 +420,7 @@ def test_backward_reaches_student_and_serial_layer_never_teacher():
 def test_warmup_counts_optimizer_updates_linearly_from_zero():
     task, _, _ = make_task(warmup_epochs=2, updates_per_epoch=3)
     x, y = batch()
-    unscaled = AEKTDistillationTask(
-        task.trainable_module, task.teacher, warmup_epochs=0, verbose=False
-    )
+    unscaled = AEKTDistillationTask(task.trainable_module, task.teacher, warmup_epochs=0, verbose=False)
     factors = []
     for _ in range(8):
         reference = unscaled(x, y)["kd_loss"].detach()

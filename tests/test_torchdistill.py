@@ -264,8 +264,13 @@ def test_tuple_output_asks_for_a_classifier_hook():
     ],
 )
 def test_bad_constructor_values_fail_when_the_box_is_built_naming_the_key(kwargs, error, name):
-    config = {"student_module_path": ".", "student_module_io": "output",
-              "teacher_module_path": ".", "teacher_module_io": "output", **kwargs}
+    config = {
+        "student_module_path": ".",
+        "student_module_io": "output",
+        "teacher_module_path": ".",
+        "teacher_module_io": "output",
+        **kwargs,
+    }
     with pytest.raises(error, match=name):
         get_mid_level_loss({"key": "AEKTLoss", "kwargs": config})
 
@@ -333,8 +338,12 @@ def test_deploy_model_folds_the_serial_layer_into_the_classifier(order):
 
 
 def test_serial_student_builds_the_base_model_from_a_torchdistill_config():
-    student = get_model("AEKTSerialStudent", model={"key": "resnet20", "kwargs": {"num_classes": 7}},
-                        num_classes=7, order="kd_cls")
+    student = get_model(
+        "AEKTSerialStudent",
+        model={"key": "resnet20", "kwargs": {"num_classes": 7}},
+        num_classes=7,
+        order="kd_cls",
+    )
     assert student(torch.randn(2, 3, 32, 32)).shape == (2, 7)
     assert student.serial.order == "kd_cls"
 
@@ -430,8 +439,9 @@ def test_digits_config_runs_end_to_end_through_get_distillation_box():
     student = get_model(models["student_model"]["key"], **models["student_model"]["kwargs"])
     assert isinstance(student, td.AEKTSerialStudent)
     serial_before = student.serial.relation_matrix().detach().clone()
-    box = get_distillation_box(teacher, student, config["datasets"], config["train"], torch.device("cpu"),
-                               None, False, 1)
+    box = get_distillation_box(
+        teacher, student, config["datasets"], config["train"], torch.device("cpu"), None, False, 1
+    )
     stage1_epochs = config["train"]["stage1"]["num_epochs"]
 
     def accuracy(model: nn.Module) -> float:

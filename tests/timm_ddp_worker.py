@@ -1,9 +1,10 @@
 """Two-process gloo DDP step through ``AEKTDistillationTask.prepare_distributed`` (run by test_timm.py).
 
-Usage: ``python tests/timm_ddp_worker.py OUT_DIR RANK`` for RANK in 0 and 1, started together. Each rank builds the same seeded student and teacher,
-computes its local (non-DDP) gradient on its own batch, then one DDP step on the same batch, and saves
-``rank{r}.pt`` with the local gradients, the DDP-synchronised gradients and the parameters after one SGD
-step. The test checks that DDP averaged the ranks' gradients and kept the replicas identical.
+Usage: ``python tests/timm_ddp_worker.py OUT_DIR RANK`` for RANK in 0 and 1, started together. Each rank
+builds the same seeded student and teacher, computes its local (non-DDP) gradient on its own batch, then one
+DDP step on the same batch, and saves ``rank{r}.pt`` with the local gradients, the DDP-synchronised gradients
+and the parameters after one SGD step. The test checks that DDP averaged the ranks' gradients and kept the
+replicas identical.
 """
 
 from __future__ import annotations
