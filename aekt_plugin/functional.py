@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _validation
-from ._kernel import DecoupledKDFunction, TargetStats, WeightRule
+from ._kernel import DecoupledKDFunction, TargetStats, WeightRule, scale_
 
 DEFAULTS: dict[str, object] = {
     "temperature": 4.0,
@@ -89,9 +89,8 @@ def _aekt_weights(
     """
     log_ratio = stats.log_target_ratio.clamp(max=math.log(max_weight))
     if normalize_weight:
-        return torch.softmax(log_ratio, dim=0).mul_(alpha * log_ratio.shape[0]), beta
-    ratio = log_ratio.exp_()
-    return (ratio.mul_(alpha) if alpha != 1.0 else ratio), beta
+        return scale_(torch.softmax(log_ratio, dim=0), alpha * log_ratio.shape[0]), beta
+    return scale_(log_ratio.exp_(), alpha), beta
 
 
 def _decoupled_loss(
