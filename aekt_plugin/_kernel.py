@@ -118,10 +118,10 @@ def decoupled_forward(
     # Index 0 holds [log p_t, log(1 - p_t)], index 1 [log q_t, log(1 - q_t)].
     target_margin = logit_t.sub_(non_target_max).sub_(log_s)  # (N1): LSE_{k≠t} = m + log s
     log_binary = F.logsigmoid(target_margin * _constant((1.0, -1.0), target_margin))  # [d, -d]
-    binary = log_binary.exp()
+    binary_s, binary_t = log_binary.exp().unbind(0)  # b^S = [p_t, 1 - p_t], b^T = [q_t, 1 - q_t]
     log_b_s, log_b_t = log_binary.unbind(0)
     log_ratio = log_b_t - log_b_s
-    tckd = torch.linalg.vecdot(binary[1], log_ratio, dim=1)  # KL(b^T ‖ b^S)
+    tckd = torch.linalg.vecdot(binary_t, log_ratio, dim=1)  # KL(b^T ‖ b^S)
 
     a, b = weight_rule(TargetStats(log_binary, log_ratio))
     loss = _weighted_sum(tckd, a, nckd, b, scale=sample_weight * temperature**2)  # (D1)
@@ -129,8 +129,12 @@ def decoupled_forward(
         return loss, None
 
     scale = sample_weight * temperature
-    p_t, q_t = binary[:, :, :1].unbind(0)
-    target_gap = scale_(p_t - q_t, a if isinstance(a, float) else a.unsqueeze(1), scale)
+    p_t_minus_q_t = (binary_s - binary_t)[:, :1]
+    if isinstance(a, float):
+        target_gap = p_t_minus_q_t.mul_(_constant(a * scale, p_t_minus_q_t))  # (G1): T a (p_t - q_t)
+    else:
+        zero = _constant(0.0, p_t_minus_q_t)
+        target_gap = torch.addcmul(zero, p_t_minus_q_t, a.unsqueeze(1), value=scale)  # (G1)
     # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j]; p̂_t = q̂_t = 0, and (G1) then fills in the target.
     if isinstance(b, float):
         scaled_b = b * scale
@@ -139,7 +143,7 @@ def decoupled_forward(
     else:
         scaled_b = scale_(b.unsqueeze(1), scale)
         grad = torch.mul(p_hat, scaled_b - target_gap, out=log_hat_gap).addcmul_(q_hat, scaled_b, value=-1.0)
-    grad.scatter_(1, target_column, target_gap)  # (G1): T a (p_t - q_t)
+    grad.scatter_(1, target_column, target_gap)
     return loss, grad
 
 
@@ -239,7 +243,9 @@ class DecoupledKDFunction(torch.autograd.Function):
                 out=grad_buffer,
             )
         if grad is not None:
-            ctx.save_for_backward(grad.to(student_logits.dtype))  # no copy when the dtype is already right
+            ctx.save_for_backward(
+                grad if grad.dtype == student_logits.dtype else grad.to(student_logits.dtype)
+            )
         ctx.reduction = reduction  # type: ignore[attr-defined]
         return loss.clone() if reduction == "none" else loss.sum()  # "mean": weighted by 1/B above
 
