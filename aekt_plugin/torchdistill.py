@@ -146,13 +146,6 @@ def _read_logits(io_dict: Mapping[str, Any], side: str, path: str, io: str, loss
     return value
 
 
-def _io_repr(loss: _IOLogitLoss) -> str:
-    return (
-        f"student={loss.student_module_path!r}:{loss.student_module_io}, "
-        f"teacher={loss.teacher_module_path!r}:{loss.teacher_module_io}, warmup_steps={loss.warmup_steps}"
-    )
-
-
 class _IOLogitLoss(nn.Module):
     """Shared part of the torchdistill losses: read logits from the io dicts, call the core criterion
     (which holds and checks the loss options), apply the warm-up factor."""
@@ -177,6 +170,12 @@ class _IOLogitLoss(nn.Module):
         self.warmup_steps = _check_warmup_steps(warmup_steps)
         self.criterion = criterion
         self.num_steps = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"student={self.student_module_path!r}:{self.student_module_io}, "
+            f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, warmup_steps={self.warmup_steps}"
+        )
 
     def warmup_factor(self) -> float:
         """``min(steps / warmup_steps, 1)`` (``1`` when ``warmup_steps == 0``), steps counted from 0."""
@@ -286,9 +285,6 @@ class AEKTLoss(_IOLogitLoss):
             warmup_steps=warmup_steps,
         )
 
-    def extra_repr(self) -> str:
-        return _io_repr(self)
-
 
 class DKDLoss(_IOLogitLoss):
     r"""Decoupled KD (Zhao et al., CVPR 2022) as a torchdistill mid-level loss (registered as ``DKDLoss``).
@@ -330,9 +326,6 @@ class DKDLoss(_IOLogitLoss):
             criterion=criterion,
             warmup_steps=warmup_steps,
         )
-
-    def extra_repr(self) -> str:
-        return _io_repr(self)
 
 
 class AEKTSerialStudent(nn.Module):
