@@ -86,7 +86,7 @@ def decoupled_forward(
     :func:`compute_dtype`; the gradient is ``None`` unless ``needs_grad``, and ``out``, a ``(B, C)`` tensor
     of that dtype, receives it if given.
     """
-    num_samples, num_classes = student_logits.shape
+    num_samples = student_logits.shape[0]
     # Student (index 0) and teacher (index 1) share one buffer, so each row operation below runs once for
     # both, which matters for small batches where the cost is per operation. The caller's logits are only
     # read.
