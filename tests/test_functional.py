@@ -571,3 +571,25 @@ def test_double_backward_is_refused_with_a_clear_error():
     loss = aekt_plugin.aekt_loss(student, torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 6, (4,)))
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, student, create_graph=True)
+
+
+def test_a_temperature_schedule_keeps_the_constant_cache_bounded_and_the_values_right():
+    """The kernel caches its scalar operands as tensors; a new temperature every step must neither grow that
+    cache without bound nor reuse a stale constant (checked before and after the cache is cleared)."""
+    from aekt_plugin import _kernel
+
+    student = torch.randn(8, 5, dtype=torch.float64)
+    teacher = torch.randn(8, 5, dtype=torch.float64)
+    target = torch.randint(0, 5, (8,))
+    for step in range(400):
+        temperature = 1.0 + step / 100
+        actual, actual_grad = loss_and_grad(
+            aekt_plugin.aekt_loss, student, teacher, target, temperature=temperature
+        )
+        assert len(_kernel._CONSTANTS) <= 256
+        if step % 97 == 0:
+            expected, expected_grad = loss_and_grad(
+                reference.aekt_loss, student, teacher, target, temperature=temperature
+            )
+            torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-10, atol=1e-12)
