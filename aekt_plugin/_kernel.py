@@ -195,15 +195,9 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
     return constant
 
 
-def scale_(x: Tensor, *factors: Tensor | float) -> Tensor:
-    """``x`` multiplied in place by every factor; the float factors are applied as one :func:`_constant`."""
-    number = 1.0
-    for factor in factors:
-        if isinstance(factor, Tensor):
-            x = x.mul_(factor)
-        else:
-            number *= factor
-    return x if number == 1.0 else x.mul_(_constant(number, x))
+def scale_(x: Tensor, factor: float) -> Tensor:
+    """``x`` multiplied in place by the number ``factor``, passed as a :func:`_constant`."""
+    return x if factor == 1.0 else x.mul_(_constant(factor, x))
 
 
 class DecoupledKDFunction(torch.autograd.Function):
