@@ -1,9 +1,12 @@
 """Data sets of the demo and of the accuracy benchmark.
 
-Three tasks, none downloaded at run time:
+Four tasks, none downloaded at run time:
 
-* ``digits``: scikit-learn's 8×8 handwritten digits (1797 images, 10 classes), shipped inside the
-  scikit-learn wheel.
+* ``digits100`` (the demo's default): two of scikit-learn's 8×8 handwritten digits side by side (1×8×16),
+  class ``10·left + right`` -- 100 classes built from data shipped inside the scikit-learn wheel. The
+  1,797 digits are first split into disjoint training, validation and test pools, and each split's pairs
+  are drawn from its own pool only, so no digit image is shared between splits.
+* ``digits``: scikit-learn's 8×8 handwritten digits (1797 images, 10 classes).
 * ``fashion-mnist``: Debian's ``dataset-fashion-mnist`` IDX files (60k/10k, 28×28, 10 classes),
   parsed with numpy.
 * ``fmnist100``: Fashion-MNIST-100. Each example is two Fashion-MNIST images side by side
@@ -31,13 +34,14 @@ __all__ = [
     "Splits",
     "load_dataset",
     "load_digits",
+    "load_digits100",
     "load_fashion_mnist",
     "load_fmnist100",
     "make_pairs",
     "read_idx",
 ]
 
-DATASETS = ("digits", "fashion-mnist", "fmnist100")
+DATASETS = ("digits100", "digits", "fashion-mnist", "fmnist100")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _APT_HINT = "sudo apt-get install dataset-fashion-mnist"
 
@@ -121,6 +125,60 @@ def load_digits(*, n_val: int = 0, n_test: int = 540, seed: int = 0) -> Splits:
     return Splits(x_tr, y_tr, x_val, y_val, x_test, y_test, 10, "digits")
 
 
+def _digit_pools(labels: np.ndarray, sizes: tuple[int, ...], seed: int) -> list[np.ndarray]:
+    """Split the indices of ``labels`` into disjoint pools, stratified by class: pool ``k`` takes about
+    ``sizes[k] / 10`` digits of each class, and the last pool takes what is left."""
+    gen = np.random.default_rng(seed)
+    pools: list[list[int]] = [[] for _ in range(len(sizes) + 1)]
+    for c in range(10):
+        idx = gen.permutation(np.flatnonzero(labels == c))
+        start = 0
+        for k, size in enumerate(sizes):
+            take = round(size / 10)
+            pools[k].extend(idx[start : start + take].tolist())
+            start += take
+        pools[-1].extend(idx[start:].tolist())
+    return [np.sort(np.asarray(pool, dtype=np.int64)) for pool in pools]
+
+
+def load_digits100(
+    *,
+    n_train: int = 2_500,
+    n_val: int = 2_000,
+    n_test: int = 4_000,
+    val_digits: int = 300,
+    test_digits: int = 500,
+    seed: int = 0,
+) -> Splits:
+    """Digits-100: two of scikit-learn's digits side by side (1×8×16), class ``10·left + right``.
+
+    The 1,797 digits are split, stratified by class, into a test pool of ``test_digits``, a validation pool
+    of ``val_digits`` and a training pool (the rest, about 1,000); ``n_train``, ``n_val`` and ``n_test``
+    pairs are drawn from their own pool only (:func:`make_pairs`), so no digit image appears in two splits.
+    """
+    from ._deps import require
+
+    if not (0 <= val_digits and 0 < test_digits and val_digits + test_digits < 1_500):
+        raise ValueError(
+            f"val_digits and test_digits must leave digits to train on, got {val_digits} and {test_digits}"
+        )
+    bunch = require("sklearn.datasets").load_digits()
+    images = bunch.images.astype(np.float32) / 16.0
+    labels = bunch.target.astype(np.int64)
+    test_pool, val_pool, train_pool = _digit_pools(labels, (test_digits, val_digits), seed)
+
+    def pairs(pool: np.ndarray, n: int, pair_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n == 0:
+            return torch.zeros(0, 1, 8, 16), torch.zeros(0, dtype=torch.int64)
+        x, y, _ = make_pairs(images[pool], labels[pool], n, pair_seed)
+        return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
+
+    x_tr, y_tr = pairs(train_pool, n_train, seed + 1)
+    x_val, y_val = pairs(val_pool, n_val, seed + 2)
+    x_te, y_te = pairs(test_pool, n_test, seed + 3)
+    return Splits(x_tr, y_tr, x_val, y_val, x_te, y_te, 100, "digits100")
+
+
 def _fashion_mnist_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     names = {
         "x_train": "train-images-idx3-ubyte.gz",
@@ -177,7 +235,7 @@ def make_pairs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw ``n_pairs`` side-by-side pairs from one pool of images.
 
-    Returns ``(pair_images (n, 28, 56), pair_labels (n,), source_indices (n, 2))`` where
+    Returns ``(pair_images (n, h, 2w), pair_labels (n,), source_indices (n, 2))`` for ``(h, w)`` images, where
     ``pair_labels = 10·labels[left] + labels[right]``. The pair class is drawn uniformly from the 100
     classes, then an image of each half's class, so every class is equally frequent.
     """
@@ -219,7 +277,12 @@ def load_fmnist100(
 
 def load_dataset(name: str, **kwargs: object) -> Splits:
     """Load one of :data:`DATASETS` by name (keyword arguments go to its loader)."""
-    loaders = {"digits": load_digits, "fashion-mnist": load_fashion_mnist, "fmnist100": load_fmnist100}
+    loaders = {
+        "digits100": load_digits100,
+        "digits": load_digits,
+        "fashion-mnist": load_fashion_mnist,
+        "fmnist100": load_fmnist100,
+    }
     if name not in loaders:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
     return loaders[name](**kwargs)  # type: ignore[operator]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "count_parameters", "make_model", "MODEL_PRESETS"]
+__all__ = ["SmallCNN", "count_parameters", "make_model", "register_model", "MODEL_PRESETS"]
 
 # name -> (conv widths, pooled grid (h, w) before the classifier)
 MODEL_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {
+    # digits-100 (8×16): the pooled grid keeps the two digits apart
+    "digits100-teacher": ((32, 64), (2, 4)),
+    "digits100-student": ((4,), (4, 8)),
     # digits (8×8)
     "digits-teacher": ((32, 64), (2, 2)),
     "digits-student": ((8, 16), (2, 2)),
@@ -20,7 +23,6 @@ MODEL_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {
     # Fashion-MNIST-100 (28×56): the pooled grid keeps left and right halves apart
     "fmnist100-teacher": ((32, 64, 128), (2, 4)),
     "fmnist100-student": ((8, 16, 32), (2, 4)),
-    "tiny": ((4, 8), (1, 2)),
 }
 
 
@@ -73,10 +75,27 @@ class SmallCNN(nn.Module):
         return self.fc
 
 
-def make_model(preset: str, in_chans: int, num_classes: int) -> SmallCNN:
-    """Build a :class:`SmallCNN` from a name in :data:`MODEL_PRESETS`."""
+ModelFactory = Callable[[int, int], nn.Module]
+"""``factory(in_chans, num_classes)`` builds a classifier."""
+
+_FACTORIES: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str, factory: ModelFactory) -> None:
+    """Make ``name`` usable as a :class:`~aekt_plugin.demo.train.TrainConfig` model (for benchmarks that
+    bring their own architectures)."""
+    if name in MODEL_PRESETS:
+        raise ValueError(f"{name!r} is a built-in preset")
+    _FACTORIES[name] = factory
+
+
+def make_model(preset: str, in_chans: int, num_classes: int) -> nn.Module:
+    """Build a model by name: a :class:`SmallCNN` of :data:`MODEL_PRESETS`, or a registered factory."""
+    if preset in _FACTORIES:
+        return _FACTORIES[preset](in_chans, num_classes)
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"model preset must be one of {sorted(MODEL_PRESETS)}, got {preset!r}")
+        names = sorted([*MODEL_PRESETS, *_FACTORIES])
+        raise ValueError(f"model preset must be one of {names}, got {preset!r}")
     widths, pool = MODEL_PRESETS[preset]
     return SmallCNN(in_chans, num_classes, widths, pool)
 

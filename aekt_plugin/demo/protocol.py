@@ -7,7 +7,7 @@ the training set (computed once; no augmentation, so they are exact for every ep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 from .data import Splits, load_dataset
 from .train import TrainConfig, get_teacher, predict_logits
 
-__all__ = ["SETTINGS", "Setting", "Prepared", "prepare", "tiny_setting"]
+__all__ = ["SETTINGS", "Setting", "Prepared", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,12 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {
+    "digits100": Setting(
+        "digits100",
+        {"n_train": 2_500, "n_val": 2_000, "n_test": 4_000, "seed": 0},
+        TrainConfig(model="digits100-teacher", epochs=15, batch_size=64, lr=0.05, warmup_epochs=0),
+        TrainConfig(model="digits100-student", epochs=15, batch_size=128, lr=0.05, warmup_epochs=1),
+    ),
     "digits": Setting(
         "digits",
         {"n_val": 0, "n_test": 540, "seed": 0},
@@ -59,20 +65,6 @@ SETTINGS: dict[str, Setting] = {
         TrainConfig(model="fmnist100-student", epochs=6, lr=0.05, warmup_epochs=1),
     ),
 }
-
-
-def tiny_setting(dataset: str = "digits") -> Setting:
-    """A seconds-long version of a setting (for tests): tiny models, one or two epochs."""
-    base = SETTINGS[dataset]
-    data = dict(base.data)
-    if dataset != "digits":
-        data.update(n_train=300, n_val=50, n_test=200)
-    return replace(
-        base,
-        data=data,
-        teacher=replace(base.teacher, model="tiny", epochs=2),
-        student=replace(base.student, model="tiny", epochs=2, warmup_epochs=0.5),
-    )
 
 
 @dataclass
