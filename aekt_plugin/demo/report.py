@@ -50,8 +50,9 @@ def write_results(path: str | Path, protocol: Mapping[str, Any], runs: Sequence[
 def read_results(path: str | Path) -> dict[str, Any]:
     blob = json.loads(Path(path).read_text())
     for r in blob["runs"]:
-        if isinstance(r.get("accuracy"), str):
-            r["accuracy"] = float(r["accuracy"])
+        for metric in ("accuracy", "val_accuracy"):
+            if isinstance(r.get(metric), str):
+                r[metric] = float(r[metric])
     return blob
 
 
@@ -62,18 +63,21 @@ def _pct(x: float) -> str:
 def format_table(
     runs: Sequence[Mapping[str, Any]],
     *,
-    compare: Sequence[tuple[str, str]] = (("AEKT", "KD"), ("AEKT", "DKD")),
+    compare: Sequence[tuple[str, str]] = (("KD", "CE"), ("DKD", "KD"), ("AEKT", "KD"), ("AEKT", "DKD")),
     title: str | None = None,
     descriptions: Mapping[str, str] | None = None,
+    metric: str = "accuracy",
 ) -> str:
     """A markdown table of mean ± std accuracy (%) per method with collapsed-run counts, followed by the
-    paired-by-seed differences ``compare`` with their 95% t-intervals."""
-    summary = summarize(runs)
+    paired-by-seed differences ``compare`` with their 95% t-intervals; ``metric`` is the test
+    ``"accuracy"`` or the ``"val_accuracy"``."""
+    summary = summarize(runs, metric=metric)
     lines = []
     if title:
         lines += [f"**{title}**", ""]
     has_desc = bool(descriptions)
-    head = "| method | accuracy (%) mean ± std | runs | collapsed |" + (
+    label = "validation accuracy" if metric == "val_accuracy" else "accuracy"
+    head = f"| method | {label} (%) mean ± std | runs | collapsed |" + (
         " configuration |" if has_desc else ""
     )
     lines += [head, "|---|---|---|---|" + ("---|" if has_desc else "")]
@@ -83,7 +87,9 @@ def format_table(
         if has_desc:
             row += f" {descriptions.get(m, '')} |"  # type: ignore[union-attr]
         lines.append(row)
-    diffs = [paired_difference(runs, a, b) for a, b in compare if a in summary and b in summary]
+    diffs = [
+        paired_difference(runs, a, b, metric=metric) for a, b in compare if a in summary and b in summary
+    ]
     if diffs:
         lines += [
             "",

@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .protocol import SETTINGS, Prepared, Setting, prepare, tiny_setting
+from .protocol import SETTINGS, Prepared, Setting, prepare
 from .report import format_table, plot_results, read_results, write_results
-from .train import MethodConfig, train_student
+from .train import BatchFn, MethodConfig, train_student
 
 __all__ = ["add_demo_arguments", "main_methods", "package_defaults", "run_demo", "run_table"]
 
@@ -101,8 +101,14 @@ def run_table(
     seeds_for: Mapping[str, Sequence[int]] | None = None,
     groups: Sequence[Sequence[str]] | None = None,
     protocol_extra: Mapping[str, Any] | None = None,
+    record_extra: Mapping[str, Any] | None = None,
+    batches: Callable[[int], BatchFn] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) student; returns the run records.
+
+    ``batches(seed)``, when given, supplies each run's training batches (see
+    :func:`~aekt_plugin.demo.train.train_student`); ``record_extra`` is added to every new run's record
+    (e.g. the source revision it ran on).
 
     With ``json_path`` the results file is rewritten after every run; with ``resume`` the runs already in
     it (same method name and seed) are kept instead of rerun. ``seeds_for`` overrides the seeds of some
@@ -144,7 +150,9 @@ def run_table(
             seed=seed,
             progress=progress,
             desc=f"{method.name} s{seed}",
+            batches=None if batches is None else batches(seed),
         )
+        rec.update(record_extra or {})
         runs.append(rec)
         if rec["collapsed"]:
             _logger.warning("run %s seed %d collapsed (accuracy %.4f)", method.name, seed, rec["accuracy"])
@@ -191,14 +199,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--dataset",
         choices=sorted(SETTINGS),
-        default="digits",
-        help="digits (scikit-learn, default), fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)",
+        default="digits100",
+        help="digits100 (default: pairs of scikit-learn's digits, 100 classes), digits (10 classes), "
+        "fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)",
     )
     parser.add_argument(
         "--seeds",
         type=_parse_seeds,
-        default=_parse_seeds("3"),
-        help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 3)",
+        default=_parse_seeds("10"),
+        help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 10)",
     )
     parser.add_argument(
         "--epochs", type=_positive_int, default=None, help="student epochs (default: the dataset's setting)"
@@ -218,9 +227,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--no-cache", action="store_true", help="retrain the teacher instead of using the cache"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--tiny", action="store_true", help="a seconds-long setting (tiny models, 2 epochs) for smoke tests"
-    )
     return parser
 
 
@@ -236,7 +242,7 @@ def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     torch.set_num_threads(args.threads)
-    setting: Setting = tiny_setting(args.dataset) if args.tiny else SETTINGS[args.dataset]
+    setting: Setting = SETTINGS[args.dataset]
     if args.epochs is not None:
         from dataclasses import replace
 

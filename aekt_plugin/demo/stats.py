@@ -71,9 +71,10 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarize(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method (in order of first appearance): ``n`` runs, ``n_collapsed``, and ``mean``/``std`` of the
-    accuracy over the runs that did not collapse (``nan`` when every run collapsed)."""
+def summarize(runs: Iterable[Mapping[str, Any]], *, metric: str = "accuracy") -> dict[str, dict[str, Any]]:
+    """Per method (in order of first appearance): ``n`` runs, ``n_collapsed``, and ``mean``/``std`` of
+    ``metric`` (test ``"accuracy"``, or ``"val_accuracy"``) over the runs that did not collapse (``nan``
+    when every run collapsed)."""
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         rec = out.setdefault(r["method"], {"n": 0, "n_collapsed": 0, "accuracies": [], "collapsed_seeds": []})
@@ -82,14 +83,17 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
             rec["n_collapsed"] += 1
             rec["collapsed_seeds"].append(r["seed"])
         else:
-            rec["accuracies"].append(float(r["accuracy"]))
+            rec["accuracies"].append(float(r[metric]))
     for rec in out.values():
         rec["mean"], rec["std"] = _mean_std(rec["accuracies"])
     return out
 
 
-def paired_difference(runs: Iterable[Mapping[str, Any]], method_a: str, method_b: str) -> dict[str, Any]:
-    """``acc(method_a) - acc(method_b)`` paired by seed, over seeds where both ran and neither collapsed.
+def paired_difference(
+    runs: Iterable[Mapping[str, Any]], method_a: str, method_b: str, *, metric: str = "accuracy"
+) -> dict[str, Any]:
+    """``metric(method_a) - metric(method_b)`` paired by seed, over seeds where both ran and neither
+    collapsed (``metric``: test ``"accuracy"``, or ``"val_accuracy"``).
 
     Returns ``{"a", "b", "n", "seeds", "mean", "std", "ci_low", "ci_high", "within_noise"}``; with fewer
     than two pairs the interval is ``nan`` and ``within_noise`` is ``True`` (nothing can be claimed).
@@ -105,7 +109,7 @@ def paired_difference(runs: Iterable[Mapping[str, Any]], method_a: str, method_b
         and not by_seed[method_a][s].get("collapsed")
         and not by_seed[method_b][s].get("collapsed")
     )
-    diffs = [float(by_seed[method_a][s]["accuracy"]) - float(by_seed[method_b][s]["accuracy"]) for s in seeds]
+    diffs = [float(by_seed[method_a][s][metric]) - float(by_seed[method_b][s][metric]) for s in seeds]
     mean, std = _mean_std(diffs)
     n = len(diffs)
     if n >= 2:

@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "cache_dir",
     "evaluate",
+    "fixed_batches",
     "get_teacher",
     "is_collapsed",
     "predict_logits",
@@ -77,6 +78,40 @@ class MethodConfig:
         if math.isinf(d["max_weight"]):
             d["max_weight"] = "inf"
         return d
+
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """``L(z_kd, v, y)`` of this method (``None`` for cross-entropy only)."""
+        import aekt_plugin as ak
+
+        if self.loss == "ce":
+            return None
+        if self.loss == "kd":
+            return lambda s, t, y: ak.kd_loss(s, t, y, temperature=self.temperature, validate_args=False)
+        if self.loss == "dkd":
+            return lambda s, t, y: ak.dkd_loss(
+                s, t, y, temperature=self.temperature, alpha=self.alpha, beta=self.beta, validate_args=False
+            )
+        return lambda s, t, y: ak.aekt_loss(
+            s,
+            t,
+            y,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            max_weight=self.max_weight,
+            normalize_weight=self.normalize_weight,
+            validate_args=False,
+        )
+
+    def build(self, student: nn.Module, num_classes: int) -> nn.Module:
+        """The trained module: ``student`` with this method's serial layer; ``split(x)`` gives
+        ``(z_cls, z_kd)``, ``forward(x)`` the classification logits."""
+        import aekt_plugin as ak
+
+        serial = None
+        if self.order is not None:
+            serial = ak.SerialLayer(num_classes, order=self.order, residual=self.residual)
+        return _Classifier(student, serial)
 
 
 @dataclass(frozen=True)
@@ -164,10 +199,17 @@ def _teacher_key(data: Splits, data_key: dict[str, Any], cfg: TrainConfig, seed:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def train_teacher(data: Splits, cfg: TrainConfig, *, seed: int = 0, progress: bool = True) -> nn.Module:
+def train_teacher(
+    data: Splits,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    batches: BatchFn | None = None,
+) -> nn.Module:
     """Train a teacher with cross-entropy only (same loop as the students, CE method)."""
     model, _ = train_student(
-        data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress
+        data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress, batches=batches
     )
     return model.student  # type: ignore[return-value]
 
@@ -180,11 +222,13 @@ def get_teacher(
     seed: int = 0,
     cache: bool = True,
     progress: bool = True,
+    batches: BatchFn | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher for ``data``, trained once and cached under :func:`cache_dir` keyed by its settings.
 
-    ``data_key`` names the data settings (dataset, sizes, seed) that built ``data``. Returns the
-    model (eval mode) and its record ``{"key", "accuracy", "params", "train_config", "cached", ...}``.
+    ``data_key`` names the data settings (dataset, sizes, seed, augmentation) that built ``data`` and
+    ``batches``. Returns the model (eval mode) and its record ``{"key", "accuracy", "train_accuracy",
+    "params", "train_config", "cached", ...}``.
     """
     key = _teacher_key(data, data_key, cfg, seed)
     path = cache_dir() / "teachers" / f"{data.name}-{key}.pt"
@@ -196,7 +240,7 @@ def get_teacher(
         info = dict(json.loads(blob["info"]), cached=True, path=str(path))
         return model, info
     t0 = time.perf_counter()
-    model = train_teacher(data, cfg, seed=seed, progress=progress)
+    model = train_teacher(data, cfg, seed=seed, progress=progress, batches=batches)
     model.eval()
     info = {
         "key": key,
@@ -204,6 +248,7 @@ def get_teacher(
         "params": count_parameters(model),
         "accuracy": evaluate(model, data.x_test, data.y_test),
         "val_accuracy": evaluate(model, data.x_val, data.y_val),
+        "train_accuracy": evaluate(model, data.x_train, data.y_train),
         "train_config": cfg.to_dict(),
         "seed": seed,
         "data": data_key,
@@ -218,28 +263,19 @@ def get_teacher(
 
 
 # --------------------------------------------------------------------------------------------- student
-def _loss_fn(method: MethodConfig) -> Callable[..., torch.Tensor] | None:
-    import aekt_plugin as ak
+BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+"""``batches(indices, epoch) -> (inputs, teacher_logits)`` for one training batch (``teacher_logits`` may be
+``None`` for cross-entropy); lets a protocol augment the inputs and give the teacher's logits on exactly
+the augmented batch."""
 
-    if method.loss == "ce":
-        return None
-    if method.loss == "kd":
-        return lambda s, t, y: ak.kd_loss(s, t, y, temperature=method.temperature, validate_args=False)
-    if method.loss == "dkd":
-        return lambda s, t, y: ak.dkd_loss(
-            s, t, y, temperature=method.temperature, alpha=method.alpha, beta=method.beta, validate_args=False
-        )
-    return lambda s, t, y: ak.aekt_loss(
-        s,
-        t,
-        y,
-        temperature=method.temperature,
-        alpha=method.alpha,
-        beta=method.beta,
-        max_weight=method.max_weight,
-        normalize_weight=method.normalize_weight,
-        validate_args=False,
-    )
+
+def fixed_batches(x: torch.Tensor, teacher_logits: torch.Tensor | None) -> BatchFn:
+    """The training examples as they are, with teacher logits computed once on them."""
+
+    def batches(indices: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return x[indices], None if teacher_logits is None else teacher_logits[indices]
+
+    return batches
 
 
 class _Classifier(nn.Module):
@@ -271,30 +307,33 @@ def train_student(
     seed: int,
     progress: bool = True,
     desc: str | None = None,
+    batches: BatchFn | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one student with ``method``; returns the model (``forward`` = ``z_cls``) and its record.
 
     ``teacher_logits`` are the teacher's logits on ``data.x_train`` (computed once, no augmentation);
-    required unless ``method.loss == "ce"``. The record holds the last-epoch test accuracy, the
-    per-epoch validation accuracy (when a validation split exists), the mean training losses, whether
-    the run collapsed (:func:`is_collapsed`) and its wall time.
+    required unless ``method.loss == "ce"`` or ``batches`` supplies them. ``batches`` (default
+    :func:`fixed_batches` of ``data.x_train`` and ``teacher_logits``) gives each batch's inputs and teacher
+    logits, e.g. augmented inputs with the teacher's logits on them. The record holds the last-epoch test
+    and (clean) training accuracy, the per-epoch validation accuracy (when a validation split exists), the
+    mean training losses, whether the run collapsed (:func:`is_collapsed`) and its wall time.
     """
     import aekt_plugin as ak
 
-    loss_fn = _loss_fn(method)
-    if loss_fn is not None and teacher_logits is None:
+    loss_fn = method.loss_fn()
+    if loss_fn is not None and teacher_logits is None and batches is None:
         raise ValueError(f"method {method.name!r} ({method.loss}) needs teacher_logits")
     if teacher_logits is not None and teacher_logits.shape != (data.x_train.shape[0], data.num_classes):
         raise ValueError(
             f"teacher_logits must have shape {(data.x_train.shape[0], data.num_classes)}, "
             f"got {tuple(teacher_logits.shape)}"
         )
+    if batches is None:
+        batches = fixed_batches(data.x_train, teacher_logits)
     torch.manual_seed(seed)
     student = make_model(cfg.model, data.input_shape[0], data.num_classes)
-    serial: nn.Module | None = None
-    if method.order is not None:
-        serial = ak.SerialLayer(data.num_classes, order=method.order, residual=method.residual)
-    model = _Classifier(student, serial)
+    model = method.build(student, data.num_classes)
+    serial = getattr(model, "serial", None)
     groups: list[dict[str, Any]] = [
         {"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}
     ]
@@ -324,13 +363,14 @@ def train_student(
             lr = cfg.lr * _cosine(step, total)
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            x, y = data.x_train[idx], data.y_train[idx]
+            x, v = batches(idx, epoch)
+            y = data.y_train[idx]
             z_cls, z_kd = model.split(x)
             loss_ce = method.ce_weight * F.cross_entropy(z_cls, y)
             loss = loss_ce
             if loss_fn is not None:
                 kd_scale = ak.warmup_factor(step, warmup_steps)
-                loss_kd = kd_scale * loss_fn(z_kd, teacher_logits[idx], y)  # type: ignore[index]
+                loss_kd = kd_scale * loss_fn(z_kd, v, y)
                 loss = loss + loss_kd
                 sums["loss_kd"] += float(loss_kd.detach())
             sums["loss_ce"] += float(loss_ce.detach())
@@ -358,6 +398,7 @@ def train_student(
         "collapsed": is_collapsed(acc, data.num_classes, cfg.collapse_factor),
         "finite": finite,
         "val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "train_accuracy": evaluate(model, data.x_train, data.y_train) if finite else float("nan"),
         "history": history,
         "config": method.to_dict(),
         "params": count_parameters(student),
