@@ -113,6 +113,41 @@ def test_digits_splits_are_disjoint_and_stratified() -> None:
     assert len(flat(s.x_train) & flat(s.x_test)) < 5
 
 
+def test_digits100_pairs_come_from_disjoint_pools_of_digits() -> None:
+    """No digit image is shared between the training, validation and test pairs, and every pair's class
+    is ``10·left + right`` of the digits it shows."""
+    from sklearn.datasets import load_digits
+
+    s = D.load_digits100(n_train=600, n_val=300, n_test=400, seed=0)
+    assert (s.num_classes, s.input_shape) == (100, (1, 8, 16))
+    assert (s.x_train.shape[0], s.x_val.shape[0], s.x_test.shape[0]) == (600, 300, 400)
+    bunch = load_digits()
+    index = {bunch.images[i].astype(np.float32).tobytes(): i for i in range(len(bunch.target))}
+    used = {}
+    for split, x, y in (
+        ("train", s.x_train, s.y_train),
+        ("val", s.x_val, s.y_val),
+        ("test", s.x_test, s.y_test),
+    ):
+        halves = (x[:, 0, :, :8] * 16).round().numpy(), (x[:, 0, :, 8:] * 16).round().numpy()
+        left = np.array([index[h.astype(np.float32).tobytes()] for h in halves[0]])
+        right = np.array([index[h.astype(np.float32).tobytes()] for h in halves[1]])
+        np.testing.assert_array_equal(y.numpy(), 10 * bunch.target[left] + bunch.target[right])
+        used[split] = set(left) | set(right)
+    assert (
+        not used["train"] & used["test"]
+        and not used["train"] & used["val"]
+        and not used["val"] & used["test"]
+    )
+    assert len(used["test"]) > 300 and len(used["train"]) > 600  # the pairs cover most of their pools
+
+
+def test_digits100_is_deterministic_in_its_seed() -> None:
+    a, b = D.load_digits100(seed=3), D.load_digits100(seed=3)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.y_train, D.load_digits100(seed=4).y_train)
+
+
 # ------------------------------------------------------------------------------------------ collapse
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_accuracy_near_chance_is_collapsed(num_classes: int) -> None:
@@ -191,15 +226,11 @@ def test_collapsed_runs_are_counted_not_averaged() -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_tiny_demo_writes_schema_conforming_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
-) -> None:
-    pytest.importorskip("sklearn")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_tiny_demo_writes_schema_conforming_results(tmp_path: Path, tiny_demo, capsys) -> None:
     from aekt_plugin.demo import run_demo
 
     out = tmp_path / "out"
-    result = run_demo(["--tiny", "--seeds", "2", "--out", str(out), "--no-progress"])
+    result = run_demo(["--seeds", "2", "--out", str(out), "--no-progress"])
     printed = capsys.readouterr().out
     assert "| KD |" in printed and "AEKT − DKD" in printed
     blob = json.loads((out / "results.json").read_text())
@@ -218,12 +249,26 @@ def test_tiny_demo_writes_schema_conforming_results(
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "results.md").read_text() == result["table"]
     # the teacher was cached under the user's cache dir, and a second run reuses it
-    cached = list((cache_dir() / "teachers").glob("digits-*.pt"))
+    cached = list((cache_dir() / "teachers").glob("digits100-*.pt"))
     assert len(cached) == 1
     from aekt_plugin import cli  # the `aekt demo` entry point hands its parsed namespace to run_demo
 
-    assert cli.main(["demo", "--tiny", "--seeds", "1", "--no-progress"]) == 0
+    assert cli.main(["demo", "--seeds", "1", "--no-progress"]) == 0
     assert "(cached)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_default_demo_shows_what_distillation_does(capsys) -> None:
+    """``aekt demo`` as shipped (digits-100, real teacher), on two seeds: KD and DKD are clearly above CE."""
+    from aekt_plugin.demo import run_demo
+    from aekt_plugin.demo.stats import summarize
+
+    result = run_demo(["--seeds", "2", "--no-progress", "--no-cache"])
+    means = {m: s["mean"] for m, s in summarize(result["runs"]).items()}
+    assert result["protocol"]["dataset"] == "digits100"
+    assert means["KD"] > means["CE"] + 0.02 and means["DKD"] > means["CE"] + 0.02
+    assert means["AEKT"] > means["CE"] + 0.02
+    assert "KD − CE" in capsys.readouterr().out
 
 
 def test_results_round_trip_non_finite_accuracy(tmp_path: Path) -> None:
@@ -238,7 +283,7 @@ def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
 
     for bad in (["--threads", "0"], ["--epochs", "-1"], ["--seeds", "x"], ["--dataset", "cifar100"]):
         with pytest.raises(SystemExit) as exc:
-            run_demo([*bad, "--tiny"])
+            run_demo(bad)
         assert exc.value.code == 2
     assert bad[0] in capsys.readouterr().err
     import argparse
