@@ -8,25 +8,22 @@ Integrations are separate modules, imported only when used: :mod:`aekt_plugin.md
 :mod:`aekt_plugin.timm`, :mod:`aekt_plugin.torchdistill`.
 """
 
-from ._validation import ORDERS, check_order
-from .functional import DEFAULTS, aekt_loss, dkd_loss, kd_loss
+from .defaults import DEFAULTS, Defaults
+from .functional import aekt_loss, dkd_loss, kd_loss
 from .loss import AEKTLoss, DKDLoss, KDLoss
-from .serial import SerialLayer, split_logits, warmup_factor
+from .serial import SerialLayer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULTS",
-    "ORDERS",
     "AEKTLoss",
     "DKDLoss",
+    "Defaults",
     "KDLoss",
     "SerialLayer",
     "__version__",
     "aekt_loss",
-    "check_order",
     "dkd_loss",
     "kd_loss",
-    "split_logits",
-    "warmup_factor",
 ]

@@ -1,14 +1,15 @@
 """Argument checks shared by the fused losses, the reference losses and the integrations.
 
 Shape, dtype and option checks need no pass over the data and always run. Value checks (finite logits,
-targets in range) read the data, which on CUDA means a host synchronisation, so they run only with
-``validate_args=True`` (SPEC §4).
+targets in range, logits that look like probabilities) read the data, which on CUDA means a host
+synchronisation, so they run only with ``validate_args=True``.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
+import warnings
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 ORDERS = ("cls_kd", "kd_cls", None)
+TEMPERATURE_RANGE = (1e-4, 1e4)
+"""Temperatures outside this range put ``T²`` or ``1/T`` of the loss beyond float32's useful range."""
 
 
 def check_positive(name: str, value: object, *, allow_inf: bool = False) -> float:
@@ -49,13 +52,48 @@ def check_reduction(reduction: object) -> str:
 
 
 def check_order(order: object) -> str | None:
-    """Check a serial-layer order (SPEC §3): ``"cls_kd"``, ``"kd_cls"`` or ``None``."""
+    """Check a serial-layer order: ``"cls_kd"``, ``"kd_cls"`` or ``None``."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     return order  # type: ignore[return-value]
 
 
+def check_ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is None or type(ignore_index) is int:
+        return ignore_index  # type: ignore[return-value]
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def check_temperature(
+    temperature: object, *, sample_shape: torch.Size, device: torch.device
+) -> float | Tensor:
+    """A number in :data:`TEMPERATURE_RANGE`, or a floating tensor: 0-d, or one value per sample."""
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating-point tensor, got dtype {temperature.dtype}")
+        if temperature.dim() and temperature.shape != sample_shape:
+            raise ValueError(
+                "a temperature tensor must be 0-d or hold one value per sample, shape "
+                f"{tuple(sample_shape)}; got shape {tuple(temperature.shape)}"
+            )
+        if device is not None and temperature.device != device:
+            raise ValueError(f"temperature must be on the logits' device {device}, got {temperature.device}")
+        return temperature
+    number = _as_real("temperature", temperature)
+    if not low <= number <= high:
+        raise ValueError(
+            f"temperature must be a number in [{low:g}, {high:g}] (beyond it T² or 1/T leaves float32's "
+            f"useful range), got {temperature!r}"
+        )
+    return number
+
+
 def _as_real(name: str, value: object) -> float:
+    if type(value) is float:  # the common case; the ABC check below is slow
+        return value  # type: ignore[return-value]
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -120,33 +158,90 @@ def target_classes(target: object, logits: torch.Tensor) -> torch.Tensor:
     return target if target.dtype == torch.int64 else target.long()
 
 
-def check_values(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None
-) -> None:
-    """The data-reading checks of ``validate_args=True``."""
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str, *, stacklevel: int = 3) -> None:
+    """A ``UserWarning`` the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def warn_if_probabilities(name: str, logits: Tensor) -> None:
+    """Warn (once) when every row of ``logits`` lies in [0, 1] and sums to 1: probabilities passed where
+    logits belong give a different, wrong loss. Reads the data."""
+    if f"probabilities:{name}" in _WARNED or logits.numel() == 0:
+        return
+    rows = logits.detach().movedim(1, -1).float()
+    if bool(rows.min() >= 0) and bool(rows.max() <= 1):
+        sums = rows.sum(dim=-1)
+        if bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
+            warn_once(
+                f"probabilities:{name}",
+                f"every row of {name} lies in [0, 1] and sums to 1: these look like probabilities, but the "
+                "loss expects logits (pre-softmax scores); pass the logits, or their log if you only have "
+                "probabilities",
+                stacklevel=4,
+            )
+
+
+def check_values(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """The data-reading checks of ``validate_args=True`` on the logits."""
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not bool(torch.isfinite(logits).all()):
             raise ValueError(f"{name} contains non-finite values (inf or nan)")
-    if target is None:
-        return
-    if target.is_floating_point():
-        if not bool((torch.isfinite(target) & (target >= 0)).all()):
-            raise ValueError("target probabilities must be finite and non-negative")
-        return
-    num_classes = student_logits.shape[1]
-    if target.numel() and not bool(((target >= 0) & (target < num_classes)).all()):
-        low, high = int(target.min()), int(target.max())
-        raise ValueError(f"target holds class indices in [{low}, {high}], outside [0, {num_classes})")
+        warn_if_probabilities(name, logits)
+
+
+def check_classes(classes: Tensor, num_classes: int, ignore_index: int | None) -> Tensor | None:
+    """Check that every class index is in ``[0, C)`` or equal to ``ignore_index``; return the mask of the
+    kept samples, or ``None`` when none is ignored. Reads the data."""
+    if classes.numel() == 0:
+        return None
+    low, high = (int(x) for x in torch.aminmax(classes))
+    may_hold_ignore_index = ignore_index is not None and low <= ignore_index <= high
+    if 0 <= low and high < num_classes and not may_hold_ignore_index:
+        return None
+    ignored = (
+        classes == ignore_index if ignore_index is not None else torch.zeros_like(classes, dtype=torch.bool)
+    )
+    kept = classes[~ignored]
+    if kept.numel() and not (int(kept.min()) >= 0 and int(kept.max()) < num_classes):
+        hint = "" if ignore_index is None else f" (and not ignore_index={ignore_index})"
+        raise ValueError(
+            f"target holds class indices in [{int(kept.min())}, {int(kept.max())}], outside "
+            f"[0, {num_classes}){hint}"
+        )
+    return ~ignored
+
+
+def check_probability_target(target: Tensor) -> None:
+    if not bool((torch.isfinite(target) & (target >= 0)).all()):
+        raise ValueError("target probabilities must be finite and non-negative")
+
+
+def check_temperature_values(temperature: Tensor) -> None:
+    low, high = TEMPERATURE_RANGE
+    if not bool(((temperature >= low) & (temperature <= high)).all()):
+        raise ValueError(
+            f"temperature must lie in [{low:g}, {high:g}] (finite and positive), got values in "
+            f"[{float(temperature.min()):g}, {float(temperature.max()):g}]"
+        )
 
 
 class Rows(NamedTuple):
-    """Checked inputs flattened to rows: ``(B, C)`` logits, int64 classes ``(B,)``, and the sample shape."""
+    """Checked inputs flattened to rows: ``(B, C)`` logits, int64 classes ``(B,)``, the sample shape, the
+    temperature (a number, a 0-d tensor or a ``(B,)`` tensor), and the ignore information: ``keep`` when
+    the targets were read, else ``ignore_index`` to be resolved by the kernel's caller."""
 
     student: Tensor
     teacher: Tensor
     classes: Tensor
     sample_shape: torch.Size
-    temperature: float
+    temperature: float | Tensor
+    keep: Tensor | None
+    ignore_index: int | None
 
 
 def _as_rows(logits: Tensor) -> Tensor:
@@ -161,28 +256,60 @@ def prepare_rows(
     teacher_logits: Tensor,
     target: Tensor | None,
     *,
-    temperature: float,
+    temperature: float | Tensor,
     reduction: str,
     validate_args: bool,
+    ignore_index: int | None = None,
+    target_required: bool = True,
 ) -> Rows:
-    """Run every check of SPEC §7 and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows.
+    """Run every argument check and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows.
 
-    ``target=None`` (KD only, whose value does not depend on it) stands for class 0 everywhere.
+    ``target=None`` is allowed only where the value does not depend on it (``target_required=False``, KD)
+    and then stands for class 0 everywhere. ``ignore_index`` applies to class-index targets: with
+    ``validate_args`` the targets are read here and ``keep`` says which samples count (``None``: all);
+    otherwise ``ignore_index`` is passed on for the caller to resolve.
     """
+    check_bool("validate_args", validate_args)
     check_logits(student_logits, teacher_logits)
-    temperature = check_positive("temperature", temperature)
     check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
     sample_shape = student_logits.shape[:1] + student_logits.shape[2:]
+    temperature = check_temperature(
+        temperature,
+        sample_shape=sample_shape,
+        device=student_logits.device if isinstance(temperature, Tensor) else None,
+    )
+    soft_target = isinstance(target, Tensor) and target.is_floating_point()
     if target is None:
+        if target_required:
+            raise TypeError(
+                "target is required: the split into target and non-target classes (TCKD, NCKD) needs each "
+                "sample's class; pass class indices, or class probabilities shaped like the logits"
+            )
         classes = torch.zeros(sample_shape, dtype=torch.long, device=student_logits.device)
     else:
         classes = target_classes(target, student_logits)
+    keep = None
     if validate_args:
-        check_values(student_logits, teacher_logits, target)
+        check_values(student_logits, teacher_logits)
+        if isinstance(temperature, Tensor):
+            check_temperature_values(temperature)
+        if soft_target:
+            check_probability_target(target)  # type: ignore[arg-type]
+        elif target is not None:
+            keep = check_classes(classes, student_logits.shape[1], ignore_index)
+    rows_classes = classes if classes.dim() == 1 else classes.reshape(-1)
+    if keep is not None:
+        keep = keep.reshape(-1)
+        rows_classes = torch.where(keep, rows_classes, 0)
+    if isinstance(temperature, Tensor) and temperature.dim() > 1:
+        temperature = temperature.reshape(-1)
     return Rows(
         student=_as_rows(student_logits),
         teacher=_as_rows(teacher_logits),
-        classes=classes if classes.dim() == 1 else classes.reshape(-1),
+        classes=rows_classes,
         sample_shape=sample_shape,
         temperature=temperature,
+        keep=keep,
+        ignore_index=None if validate_args or soft_target or target is None else ignore_index,
     )

@@ -1,4 +1,4 @@
-r"""The decoupled distillation family: KD, DKD and AEKT on one fused kernel (SPEC §2).
+r"""The decoupled distillation family: KD, DKD and AEKT on one fused kernel.
 
 Notation (per sample; ``docs/derivations.md`` derives every equation cited here):
 
@@ -18,9 +18,10 @@ DKD     α                                β
 AEKT    α · min(q_t / p_t, w_max)        β
 ======  ===============================  =========
 
-Each function below only names its weight rule ``(a, b)``; :class:`~aekt_plugin._kernel.DecoupledKDFunction`
+Each function below only names its weight rule ``(a, b)``; :func:`~aekt_plugin._kernel.decoupled_kd`
 does the rest in log space (finite for ``|logits|`` up to 1e4, ``p_t`` underflowing or rounding to 1) and
-returns the closed-form gradient. Only the student's logits are differentiated.
+returns the closed-form gradient. The student's logits are differentiated, and a temperature tensor that
+requires grad; the teacher's logits never are.
 """
 
 from __future__ import annotations
@@ -30,67 +31,76 @@ import math
 import torch
 from torch import Tensor
 
-from . import _validation
-from ._kernel import DecoupledKDFunction, TargetStats, WeightRule, scale_
+from . import _kernel, _validation
+from ._kernel import KernelOptions, TargetStats, WeightRule, Weights, decoupled_kd, scale_
+from .defaults import DEFAULTS
 
-DEFAULTS: dict[str, object] = {
-    "temperature": 4.0,
-    "alpha": 1.0,
-    "beta": 8.0,
-    "max_weight": 5.0,
-    "normalize_weight": True,
-    "order": None,
-    "ce_weight": 1.0,
-    "warmup": 20,
-}
-"""The package defaults (SPEC §3; ``max_weight``, ``normalize_weight`` and ``order`` from the accuracy
-benchmark in ``benchmarks/results``). Integrations read their defaults from here."""
+__all__ = ["aekt_loss", "dkd_loss", "kd_loss"]
 
 _DOC_INPUTS = """
     Args:
         student_logits: ``(B, C)`` or ``(N, C, d1, ...)`` (extra dimensions become samples, as in
-            :func:`torch.nn.functional.cross_entropy`). The only input that is differentiated.
-        teacher_logits: same shape as ``student_logits``; never receives a gradient.
+            :func:`torch.nn.functional.cross_entropy`). The input that is differentiated.
+        teacher_logits: same shape as ``student_logits``; never receives a gradient (a warning says so,
+            once, if it requires one).
         target: class indices ``(B,)``/``(N, d1, ...)`` of any integer dtype, or class probabilities shaped
             like the logits (timm's mixup/cutmix targets) — then the target class ``t`` of the
-            decomposition is their argmax over dim 1.
-        temperature: ``T > 0``; ``T²`` is already inside the loss.
-        reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"`` (one value per sample, shaped like
-            the class-index target).
-        validate_args: also check values (finite logits, targets in range), which reads the data and
-            synchronises a CUDA device; ``False`` for hot loops and AMP, where ``GradScaler`` needs a
-            non-finite loss to pass through. Shape, dtype and option checks always run.
+            decomposition is their argmax over dim 1, and no sample is ignored.
+        temperature: ``T`` in ``[1e-4, 1e4]``; ``T²`` is already inside the loss. A number, or a tensor:
+            0-d (e.g. a learnable temperature, CTKD) or one value per sample (shaped like a class-index
+            target). A tensor that requires grad receives ``dL/dT``, the total derivative of the loss's
+            value in ``T`` with only AEKT's ratio weight held fixed (``docs/derivations.md``, (T1)).
+        reduction: ``"mean"`` over the samples that are not ignored, ``"sum"``, or ``"none"`` (one value
+            per sample, shaped like the class-index target, 0 where ignored).
+        ignore_index: samples whose class index equals it contribute nothing to the loss or the gradient
+            (``-100`` by default, as :func:`torch.nn.functional.cross_entropy`; ``None``: none is
+            ignored). With no sample kept, ``"mean"`` gives 0 and a zero gradient.
+        standardize: first replace the student's and the teacher's logits, per sample, by
+            ``(x - mean(x)) / (std(x) + 1e-7)`` (std over the classes, unbiased): logit standardization
+            (Sun et al., CVPR 2024). The gradient flows through the student's standardization.
+        validate_args: also check values (finite logits, targets in range, a temperature tensor in range,
+            logits that look like probabilities), which reads the data and synchronises a CUDA device;
+            ``False`` for hot loops and AMP. Shape, dtype and option checks always run. With ``False``, a
+            sample whose logits are not finite gets a non-finite loss *and* a non-finite gradient row (so
+            ``torch.amp.GradScaler``, which inspects gradients, skips the step); the other samples keep
+            finite values, except under AEKT's batch normalisation, which then spreads the bad sample's
+            ``nan`` weight over the batch.
 
-    Half-precision inputs are computed in ``float32``; the loss is returned in ``float32`` (``float64`` for
-    double inputs) and the gradient in the student's dtype. Double backward is not supported.
+    Half-precision inputs are computed in ``float32`` (also under autocast); the loss is returned in
+    ``float32`` (``float64`` for double inputs) and the gradient in the student's dtype. Double backward is
+    not supported. Works under :func:`torch.compile` and :mod:`torch.func` (``grad``, ``vmap``).
 """
 
 
-def _kd_weights(stats: TargetStats) -> tuple[float, Tensor]:
+def _kd_weights(stats: TargetStats) -> Weights:
     """KD: ``a = 1``, ``b = 1 - q_t`` — exactly ``T²·KL(q‖p)`` (derivations, eq. (7))."""
-    return 1.0, stats.log_1m_q_t.exp()
+    return Weights(1.0, stats.log_1m_q_t.exp(), db_dq_t=-1.0)
 
 
-def _dkd_weights(stats: TargetStats, *, alpha: float, beta: float) -> tuple[float, float]:
+def _dkd_weights(stats: TargetStats, *, alpha: float, beta: float) -> Weights:
     """DKD: constant ``a = α``, ``b = β``."""
-    return alpha, beta
+    return Weights(alpha, beta)
 
 
 def _aekt_weights(
     stats: TargetStats, *, alpha: float, beta: float, max_weight: float, normalize_weight: bool
-) -> tuple[Tensor, float]:
+) -> Weights:
     """AEKT: ``a = α · min(q_t/p_t, w_max)`` (optionally divided by its batch mean), ``b = β``.
 
     The ratio is formed in log space, ``exp(min(log q_t - log p_t, log w_max))``, so an underflowing
     ``p_t`` gives ``w_max`` rather than ``inf``. The batch-mean normalisation is a softmax over the batch,
     ``w_i / mean(w) = B · softmax(log w)_i``, which shifts by the largest ``log w`` first, so a batch of
-    ratios too small for the dtype still averages to 1. It is a stop-gradient constant (derivations,
-    eq. (12)).
+    ratios too small for the dtype still averages to 1; ignored samples take no part in it. It is a
+    stop-gradient constant (derivations, eq. (12)).
     """
     log_ratio = stats.log_target_ratio.clamp(max=math.log(max_weight))
-    if normalize_weight:
-        return scale_(torch.softmax(log_ratio, dim=0), alpha * log_ratio.shape[0]), beta
-    return scale_(log_ratio.exp_(), alpha), beta
+    if not normalize_weight:
+        return Weights(scale_(log_ratio.exp_(), alpha), beta)
+    if stats.keep is None:
+        return Weights(scale_(torch.softmax(log_ratio, dim=-1), alpha * log_ratio.shape[-1]), beta)
+    kept = stats.keep.sum(dim=-1, keepdim=True)
+    shares = torch.softmax(log_ratio.masked_fill(~stats.keep, -math.inf), dim=-1)
+    return Weights(torch.where(stats.keep, shares * kept * alpha, 0.0), beta)
 
 
 def _decoupled_loss(
@@ -98,11 +108,15 @@ def _decoupled_loss(
     teacher_logits: Tensor,
     target: Tensor | None,
     *,
-    temperature: float,
+    temperature: float | Tensor,
     weight_rule: WeightRule,
     reduction: str,
     validate_args: bool,
+    ignore_index: int | None = -100,
+    standardize: bool = False,
+    target_required: bool = True,
 ) -> Tensor:
+    _validation.check_bool("standardize", standardize)
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,
@@ -110,11 +124,58 @@ def _decoupled_loss(
         temperature=temperature,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        target_required=target_required,
     )
-    loss = DecoupledKDFunction.apply(
-        rows.student, rows.teacher, rows.classes, rows.temperature, weight_rule, reduction
+    grad_enabled = torch.is_grad_enabled()
+    if teacher_logits.requires_grad and grad_enabled:
+        _validation.warn_once(
+            "teacher-requires-grad",
+            "teacher_logits requires grad, but the distillation loss never differentiates the teacher (and "
+            "computes no gradient for the student unless student_logits requires grad). If the arguments "
+            "are swapped, pass the student's logits first; otherwise detach the teacher's logits.",
+        )
+    temperature = rows.temperature
+    options = KernelOptions(
+        weight_rule,
+        reduction,
+        grad_enabled and student_logits.requires_grad,
+        grad_enabled and isinstance(temperature, Tensor) and temperature.requires_grad,
+        standardize,
+        not validate_args,
     )
+    eager = _kernel.is_eager()
+    classes, keep = rows.classes, rows.keep
+    if rows.ignore_index is not None:
+        # The targets were not read (validate_args=False) and may hold ignore_index. Finding ignored samples
+        # takes a pass over the targets, and on CUDA a synchronisation, which the default path must not
+        # pay. Eager on CPU, an ignore value outside [0, C) makes the kernel's first gather fail before
+        # anything is written: the kernel runs unmasked and masks only after that failure. Elsewhere (CUDA,
+        # torch.compile and torch.func, an ignore value that is also a class index) it always masks.
+        num_classes = rows.student.shape[-1]
+        if eager and classes.is_cpu and not 0 <= rows.ignore_index < num_classes:
+            try:
+                loss = decoupled_kd(
+                    rows.student, rows.teacher, classes, temperature, None, options, eager=True
+                )
+                return loss.view(rows.sample_shape) if reduction == "none" else loss
+            except RuntimeError as error:
+                if "out of bounds" not in str(error):
+                    raise
+                _check_kept_classes(classes, num_classes, rows.ignore_index)
+        keep = classes != rows.ignore_index
+        classes = torch.where(keep, classes, 0)
+    loss = decoupled_kd(rows.student, rows.teacher, classes, temperature, keep, options, eager=eager)
     return loss.view(rows.sample_shape) if reduction == "none" else loss
+
+
+def _check_kept_classes(classes: Tensor, num_classes: int, ignore_index: int) -> None:
+    kept = classes[classes != ignore_index]
+    if kept.numel() and not (int(kept.min()) >= 0 and int(kept.max()) < num_classes):
+        raise ValueError(
+            f"target holds class indices in [{int(kept.min())}, {int(kept.max())}], outside "
+            f"[0, {num_classes}) (and not ignore_index={ignore_index})"
+        )
 
 
 def kd_loss(
@@ -122,8 +183,10 @@ def kd_loss(
     teacher_logits: Tensor,
     target: Tensor | None = None,
     *,
-    temperature: float = 4.0,
+    temperature: float | Tensor = DEFAULTS.temperature,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     return _decoupled_loss(
@@ -134,6 +197,9 @@ def kd_loss(
         weight_rule=_kd_weights,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize=standardize,
+        target_required=False,
     )
 
 
@@ -142,16 +208,18 @@ def dkd_loss(
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    temperature: float = 4.0,
-    alpha: float = 1.0,
-    beta: float = 8.0,
+    temperature: float | Tensor = DEFAULTS.temperature,
+    alpha: float = DEFAULTS.alpha,
+    beta: float = DEFAULTS.beta,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     alpha = _validation.check_non_negative("alpha", alpha)
     beta = _validation.check_non_negative("beta", beta)
 
-    def weight_rule(stats: TargetStats) -> tuple[float, float]:
+    def weight_rule(stats: TargetStats) -> Weights:
         return _dkd_weights(stats, alpha=alpha, beta=beta)
 
     return _decoupled_loss(
@@ -162,6 +230,8 @@ def dkd_loss(
         weight_rule=weight_rule,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize=standardize,
     )
 
 
@@ -170,12 +240,14 @@ def aekt_loss(
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    temperature: float = 4.0,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    max_weight: float = DEFAULTS["max_weight"],  # type: ignore[assignment]
-    normalize_weight: bool = DEFAULTS["normalize_weight"],  # type: ignore[assignment]
+    temperature: float | Tensor = DEFAULTS.temperature,
+    alpha: float = DEFAULTS.alpha,
+    beta: float = DEFAULTS.beta,
+    max_weight: float = DEFAULTS.max_weight,
+    normalize_weight: bool = DEFAULTS.normalize_weight,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     alpha = _validation.check_non_negative("alpha", alpha)
@@ -183,7 +255,7 @@ def aekt_loss(
     max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
     _validation.check_bool("normalize_weight", normalize_weight)
 
-    def weight_rule(stats: TargetStats) -> tuple[Tensor, float]:
+    def weight_rule(stats: TargetStats) -> Weights:
         return _aekt_weights(
             stats, alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
         )
@@ -196,13 +268,16 @@ def aekt_loss(
         weight_rule=weight_rule,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize=standardize,
     )
 
 
 kd_loss.__doc__ = (
     r"""Hinton's KD, ``T²·KL(q ‖ p)``, written as the decoupled family with ``a = 1``, ``b = 1 - q_t``.
 
-    ``target`` is optional: the value does not depend on it (derivations, eq. (7)).
+    ``target`` is optional: the value does not depend on it (derivations, eq. (7)); it matters only for
+    ``ignore_index``.
     """
     + _DOC_INPUTS
 )

@@ -1,9 +1,12 @@
-r"""Readable autograd implementations of KD, DKD and AEKT, written equation by equation from SPEC §2.
+r"""Readable autograd implementations of KD, DKD and AEKT, written equation by equation.
 
 These are the test oracle and the benchmark baseline of the fused kernel in :mod:`aekt_plugin.functional`:
 same signatures, same values, same gradients, but every quantity of ``docs/derivations.md`` is a named
-tensor and autograd differentiates the loss. :func:`closed_form_grad` writes the gradient (G1)–(G2) out
-explicitly, as a third, independent statement of the same mathematics.
+tensor and autograd differentiates the loss -- in the student's logits and, for a temperature tensor, in
+the temperature (through the teacher's softened distribution too; only AEKT's ratio weight is detached).
+Logit standardization is the plain formula under autograd; ignored samples are masked out.
+:func:`closed_form_grad` writes the gradient (G1)–(G2) out explicitly, as a third, independent statement
+of the same mathematics.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation
-from .functional import DEFAULTS
+from .defaults import DEFAULTS
 
 
 class Decomposition(NamedTuple):
@@ -32,10 +35,19 @@ class Decomposition(NamedTuple):
     nckd: Tensor  # KL(q̂ ‖ p̂)
 
 
+def standardize(logits: Tensor) -> Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): ``(x - mean(x)) / (std(x) + 1e-7)`` over the classes
+    (dim -1, std unbiased), as their reference code computes it."""
+    return (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-7)
+
+
 def decompose(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float | Tensor
 ) -> Decomposition:
-    """TCKD and NCKD of every sample, from ``(B, C)`` logits and int64 targets ``(B,)``."""
+    """TCKD and NCKD of every sample, from ``(B, C)`` logits and int64 targets ``(B,)``; ``temperature`` is
+    a number, a 0-d tensor or one value per sample."""
+    if isinstance(temperature, Tensor) and temperature.dim():
+        temperature = temperature[:, None]
     z = student_logits / temperature
     v = teacher_logits.detach() / temperature  # the teacher's logits never receive a gradient
     is_target = F.one_hot(target, z.shape[1]).bool()
@@ -57,12 +69,53 @@ def decompose(
     return Decomposition(log_p_t, log_q_t, log_1m_p_t, log_1m_q_t, p_hat, q_hat, tckd, nckd)
 
 
-def _reduce(per_sample: Tensor, reduction: str, shape: torch.Size) -> Tensor:
+def _rows(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None,
+    *,
+    temperature: float | Tensor,
+    reduction: str,
+    validate_args: bool,
+    ignore_index: int | None,
+    standardize_logits: bool,
+    target_required: bool = True,
+) -> tuple[_validation.Rows, Tensor, Tensor, Tensor]:
+    """Checked rows, the logits the loss sees (standardized or not), and the mask of kept samples."""
+    rows = _validation.prepare_rows(
+        student_logits,
+        teacher_logits,
+        target,
+        temperature=temperature,
+        reduction=reduction,
+        validate_args=validate_args,
+        ignore_index=ignore_index,
+        target_required=target_required,
+    )
+    keep = rows.keep
+    classes = rows.classes
+    if keep is None and rows.ignore_index is not None:
+        keep = rows.classes != rows.ignore_index
+        classes = torch.where(keep, classes, 0)
+    if keep is None:
+        keep = torch.ones_like(classes, dtype=torch.bool)
+    student, teacher = rows.student, rows.teacher
+    if standardize_logits:
+        student, teacher = standardize(student), standardize(teacher)
+    return rows._replace(classes=classes), student, teacher, keep
+
+
+def _reduce(per_sample: Tensor, keep: Tensor, reduction: str, shape: torch.Size) -> Tensor:
+    per_sample = torch.where(keep, per_sample, 0.0)
     if reduction == "mean":
-        return per_sample.mean()
+        return per_sample.sum() / keep.sum().clamp_min(1)
     if reduction == "sum":
         return per_sample.sum()
     return per_sample.view(shape)
+
+
+def _squared(temperature: float | Tensor) -> float | Tensor:
+    return temperature**2
 
 
 def kd_loss(
@@ -70,22 +123,27 @@ def kd_loss(
     teacher_logits: Tensor,
     target: Tensor | None = None,
     *,
-    temperature: float = 4.0,
+    temperature: float | Tensor = DEFAULTS.temperature,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     """``T²·(TCKD + (1 - q_t)·NCKD)``, which equals ``T²·KL(q ‖ p)`` (derivations, eq. (7))."""
-    rows = _validation.prepare_rows(
+    rows, student, teacher, keep = _rows(
         student_logits,
         teacher_logits,
         target,
         temperature=temperature,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize_logits=standardize,
+        target_required=False,
     )
-    parts = decompose(rows.student, rows.teacher, rows.classes, rows.temperature)
-    per_sample = temperature**2 * (parts.tckd + parts.log_1m_q_t.exp() * parts.nckd)
-    return _reduce(per_sample, reduction, rows.sample_shape)
+    parts = decompose(student, teacher, rows.classes, rows.temperature)
+    per_sample = _squared(rows.temperature) * (parts.tckd + parts.log_1m_q_t.exp() * parts.nckd)
+    return _reduce(per_sample, keep, reduction, rows.sample_shape)
 
 
 def dkd_loss(
@@ -93,34 +151,44 @@ def dkd_loss(
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    temperature: float = 4.0,
-    alpha: float = 1.0,
-    beta: float = 8.0,
+    temperature: float | Tensor = DEFAULTS.temperature,
+    alpha: float = DEFAULTS.alpha,
+    beta: float = DEFAULTS.beta,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     """``T²·(α·TCKD + β·NCKD)``."""
     _validation.check_non_negative("alpha", alpha)
     _validation.check_non_negative("beta", beta)
-    rows = _validation.prepare_rows(
+    rows, student, teacher, keep = _rows(
         student_logits,
         teacher_logits,
         target,
         temperature=temperature,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize_logits=standardize,
     )
-    parts = decompose(rows.student, rows.teacher, rows.classes, rows.temperature)
-    per_sample = temperature**2 * (alpha * parts.tckd + beta * parts.nckd)
-    return _reduce(per_sample, reduction, rows.sample_shape)
+    parts = decompose(student, teacher, rows.classes, rows.temperature)
+    per_sample = _squared(rows.temperature) * (alpha * parts.tckd + beta * parts.nckd)
+    return _reduce(per_sample, keep, reduction, rows.sample_shape)
 
 
-def aekt_weight(parts: Decomposition, *, max_weight: float, normalize_weight: bool) -> Tensor:
-    """``min(q_t / p_t, w_max)``, divided by its batch mean when ``normalize_weight``; no gradient."""
-    log_ratio = (parts.log_q_t - parts.log_p_t).clamp(max=math.log(max_weight))
+def aekt_weight(
+    parts: Decomposition, *, max_weight: float, normalize_weight: bool, keep: Tensor | None = None
+) -> Tensor:
+    """``min(q_t / p_t, w_max)``, divided by its mean over the (kept) batch when ``normalize_weight``; no
+    gradient."""
+    log_ratio = (parts.log_q_t - parts.log_p_t).clamp(max=math.log(max_weight)).detach()
     if normalize_weight:  # ratio / mean(ratio), in log space so that tiny ratios still average to 1
-        log_ratio = log_ratio - (torch.logsumexp(log_ratio, dim=0) - math.log(log_ratio.shape[0]))
-    return log_ratio.exp().detach()
+        keep = torch.ones_like(log_ratio, dtype=torch.bool) if keep is None else keep
+        kept_log_ratio = log_ratio.masked_fill(~keep, -math.inf)
+        log_mean = torch.logsumexp(kept_log_ratio, dim=0) - math.log(max(int(keep.sum()), 1))
+        log_ratio = kept_log_ratio - log_mean
+    return log_ratio.exp().nan_to_num(0.0)
 
 
 def aekt_loss(
@@ -128,30 +196,34 @@ def aekt_loss(
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    temperature: float = 4.0,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    max_weight: float = DEFAULTS["max_weight"],  # type: ignore[assignment]
-    normalize_weight: bool = DEFAULTS["normalize_weight"],  # type: ignore[assignment]
+    temperature: float | Tensor = DEFAULTS.temperature,
+    alpha: float = DEFAULTS.alpha,
+    beta: float = DEFAULTS.beta,
+    max_weight: float = DEFAULTS.max_weight,
+    normalize_weight: bool = DEFAULTS.normalize_weight,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     """``T²·(α·w·TCKD + β·NCKD)`` with the stop-gradient weight ``w = min(q_t/p_t, w_max)``."""
     _validation.check_non_negative("alpha", alpha)
     _validation.check_non_negative("beta", beta)
     _validation.check_positive("max_weight", max_weight, allow_inf=True)
-    rows = _validation.prepare_rows(
+    rows, student, teacher, keep = _rows(
         student_logits,
         teacher_logits,
         target,
         temperature=temperature,
         reduction=reduction,
         validate_args=validate_args,
+        ignore_index=ignore_index,
+        standardize_logits=standardize,
     )
-    parts = decompose(rows.student, rows.teacher, rows.classes, rows.temperature)
-    weight = aekt_weight(parts, max_weight=max_weight, normalize_weight=normalize_weight)
-    per_sample = temperature**2 * (alpha * weight * parts.tckd + beta * parts.nckd)
-    return _reduce(per_sample, reduction, rows.sample_shape)
+    parts = decompose(student, teacher, rows.classes, rows.temperature)
+    weight = aekt_weight(parts, max_weight=max_weight, normalize_weight=normalize_weight, keep=keep)
+    per_sample = _squared(rows.temperature) * (alpha * weight * parts.tckd + beta * parts.nckd)
+    return _reduce(per_sample, keep, reduction, rows.sample_shape)
 
 
 def closed_form_grad(
@@ -161,7 +233,7 @@ def closed_form_grad(
     a: Tensor | float,
     b: Tensor | float,
     *,
-    temperature: float,
+    temperature: float | Tensor,
 ) -> Tensor:
     r"""The gradient of the per-sample loss ``T²(a·TCKD + b·NCKD)`` w.r.t. ``(B, C)`` student logits.
 
@@ -176,6 +248,8 @@ def closed_form_grad(
     a_col = a.reshape(-1, 1) if isinstance(a, Tensor) else a
     b_col = b.reshape(-1, 1) if isinstance(b, Tensor) else b
     target_gap = (parts.log_p_t.exp() - parts.log_q_t.exp())[:, None]
+    if isinstance(temperature, Tensor) and temperature.dim():
+        temperature = temperature[:, None]
     grad = temperature * ((b_col - a_col * target_gap) * parts.p_hat - b_col * parts.q_hat)
     return grad.scatter(1, target[:, None], temperature * a_col * target_gap)
 
@@ -188,4 +262,5 @@ __all__ = [
     "decompose",
     "dkd_loss",
     "kd_loss",
+    "standardize",
 ]

@@ -1,0 +1,49 @@
+"""The package defaults, one frozen record read the same way by the core and every integration."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DEFAULTS", "Defaults"]
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Defaults of the losses, the serial layer and the total objective.
+
+    ``temperature``, ``alpha``, ``beta``, ``ce_weight`` and ``warmup`` are DKD's CIFAR-100 settings (a
+    20-epoch warm-up); ``max_weight``, ``normalize_weight`` and ``order`` were chosen by the accuracy
+    benchmark (``benchmarks/results``). On small problems and short schedules start from ``beta=2`` with a
+    warm-up scaled to the schedule.
+
+    Read fields as attributes (``DEFAULTS.beta``); ``DEFAULTS["beta"]`` also works, read-only. To change a
+    default for your run, pass the argument, or build your own record: ``dataclasses.replace(DEFAULTS,
+    beta=2.0)``.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 1.0
+    beta: float = 8.0
+    max_weight: float = 5.0
+    normalize_weight: bool = True
+    order: str | None = None
+    ce_weight: float = 1.0
+    warmup: int = 20
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.__dataclass_fields__)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULTS = Defaults()
+"""The package defaults (:class:`Defaults`)."""
