@@ -1,4 +1,4 @@
-r"""Task separation (SPEC §3): the serial layer and the total objective's warm-up.
+r"""Task separation: the serial layer, the student that carries it, and the warm-up of the total objective.
 
 The serial layer ``S: R^C → R^C`` sits in series with the student's classifier and separates the
 classification task (cross-entropy on ``z_cls``) from the distillation task (the loss on ``z_kd``):
@@ -16,24 +16,32 @@ The total objective of one step (mdistiller's conventions) is::
     loss_ce = ce_weight · CE(z_cls, y)
     loss_kd = min(progress / warmup, 1) · L(z_kd, v, y)        # L already contains T²
 
-with ``progress`` counted in epochs or, better on small problems (SPEC §6), optimiser steps.
+with ``progress`` counted in optimiser steps or epochs by :class:`KDWarmup`.
+
+This module owns the three pieces every integration shares: :class:`SerialStudent` (a model with the
+serial layer, ``split(x) -> (z_cls, z_kd)``), :func:`find_classifier` and :func:`fold_serial` (the
+deployable model with ``S`` folded in, ``docs/derivations.md`` (S1)), and :class:`KDWarmup`.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import check_bool, check_order
+from .defaults import DEFAULTS
 
-__all__ = ["SerialLayer", "split_logits", "warmup_factor"]
+__all__ = ["KDWarmup", "SerialLayer", "SerialStudent", "find_classifier", "fold_serial"]
+
+_CLASSIFIER_NAMES = ("fc", "classifier", "linear", "head")
 
 
 class SerialLayer(nn.Module):
-    """The ``C×C`` affine layer of SPEC §3, in series with a classifier.
+    """The ``C×C`` affine layer in series with a classifier.
 
     Args:
         num_classes: ``C``, the classifier's output size.
@@ -110,8 +118,9 @@ class SerialLayer(nn.Module):
         """A new ``nn.Linear`` whose output is ``z_cls`` at inference, with ``S`` folded in where needed.
 
         For ``"kd_cls"``, ``S(W_h h + c_h) = (M W_h) h + (M c_h + c)`` with ``M`` the relation matrix: a
-        product of two affine maps, exact up to rounding. For ``"cls_kd"``, ``S`` is not used at inference
-        and the classifier is copied unchanged. The given classifier is never modified.
+        product of two affine maps, exact up to rounding, computed in the wider of the two layers' dtypes
+        and stored in the classifier's. For ``"cls_kd"``, ``S`` is not used at inference and the classifier
+        is copied unchanged. The given classifier is never modified.
         """
         if not isinstance(classifier, nn.Linear):
             raise TypeError(f"classifier must be an nn.Linear to fold into, got {type(classifier).__name__}")
@@ -123,27 +132,274 @@ class SerialLayer(nn.Module):
         folded = copy.deepcopy(classifier)
         if self.order == "cls_kd":
             return folded
-        relation = self.relation_matrix().to(classifier.weight.dtype)
-        head_bias = classifier.bias if classifier.bias is not None else torch.zeros_like(self.bias)
+        dtype = torch.promote_types(classifier.weight.dtype, self.weight.dtype)
+        relation = self.relation_matrix().to(dtype)
+        head_weight = classifier.weight.to(dtype)
+        head_bias = (
+            classifier.bias.to(dtype) if classifier.bias is not None else torch.zeros_like(relation[0])
+        )
         if folded.bias is None:
-            folded.bias = nn.Parameter(torch.empty_like(self.bias))
-        folded.weight.copy_(relation @ classifier.weight)
-        folded.bias.copy_(relation @ head_bias + self.bias)
+            folded.bias = nn.Parameter(torch.empty_like(classifier.weight[:, 0]))
+        folded.weight.copy_(relation @ head_weight)
+        folded.bias.copy_(relation @ head_bias + self.bias.to(dtype))
         return folded
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, order={self.order!r}, residual={self.residual}"
 
 
-def split_logits(head_logits: Tensor, serial_layer: SerialLayer | None) -> tuple[Tensor, Tensor]:
-    """``(z_cls, z_kd)`` from the classifier's output; both are ``head_logits`` without a serial layer."""
-    if serial_layer is None:
-        return head_logits, head_logits
-    return serial_layer(head_logits)
+def _linear_of(module: nn.Module) -> nn.Linear | None:
+    """The ``nn.Linear`` that produces ``module``'s output, if it is one, an ``nn.Sequential`` ending in
+    one, or a head whose ``fc`` is one with nothing but a flatten/identity after it (timm's heads)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
+        return module[-1]
+    fc = getattr(module, "fc", None)
+    if isinstance(fc, nn.Linear) and isinstance(
+        getattr(module, "flatten", nn.Identity()), (nn.Identity, nn.Flatten)
+    ):
+        return fc
+    return None
 
 
-def warmup_factor(progress: float, warmup: float) -> float:
-    """``min(progress / warmup, 1)``, linear from 0; ``warmup <= 0`` means no warm-up (factor 1)."""
-    if warmup <= 0:
-        return 1.0
-    return min(max(float(progress), 0.0) / float(warmup), 1.0)
+def find_classifier(model: nn.Module) -> list[str]:
+    """Dotted paths of the ``nn.Linear`` layer(s) that produce ``model``'s logits.
+
+    Looks at ``model.get_classifier()`` (timm's models; a tuple of heads that the model averages, as in
+    DeiT-distilled, gives one path per head), else at the attributes ``fc``, ``classifier``, ``linear`` and
+    ``head``. Each may be an ``nn.Linear``, an ``nn.Sequential`` ending in one, or a head whose ``fc`` is
+    one.
+
+    Raises:
+        TypeError: no such layer, e.g. a convolutional classifier.
+    """
+    if callable(getattr(model, "get_classifier", None)):
+        found = model.get_classifier()
+        parts = list(found) if isinstance(found, (tuple, list)) else [found]
+        where = f"{type(model).__name__}.get_classifier()"
+    else:
+        parts = [
+            getattr(model, name)
+            for name in _CLASSIFIER_NAMES
+            if isinstance(getattr(model, name, None), nn.Module)
+        ]
+        parts = parts[:1]
+        where = f"{type(model).__name__}'s {'/'.join(_CLASSIFIER_NAMES)} attribute"
+    linears = [_linear_of(part) for part in parts]
+    if not linears or any(linear is None for linear in linears):
+        got = ", ".join(type(part).__name__ for part in parts) or "nothing"
+        raise TypeError(
+            f"the serial layer folds into the nn.Linear that produces the logits, and {where} gives {got}; "
+            "use order='cls_kd' (S is dropped at inference) or a model whose classifier is an nn.Linear"
+        )
+    names = {id(module): name for name, module in model.named_modules()}
+    missing = [linear for linear in linears if id(linear) not in names]
+    if missing:
+        raise TypeError(f"the classifier of {type(model).__name__} is not a submodule of it; cannot fold")
+    return [names[id(linear)] for linear in linears]
+
+
+def fold_serial(model: nn.Module, serial: SerialLayer | None, paths: list[str] | None = None) -> nn.Module:
+    """A copy of ``model`` whose output is ``z_cls``: ``S`` folded into each classifier of ``paths`` (default
+    :func:`find_classifier`) for ``"kd_cls"``; the plain copy for ``"cls_kd"`` or no serial layer.
+
+    Folding into every head of a model that averages several heads is exact: ``S`` is affine.
+    """
+    folded = copy.deepcopy(model)
+    if serial is None or serial.order == "cls_kd":
+        return folded
+    for path in paths if paths is not None else find_classifier(model):
+        parent_path, _, name = path.rpartition(".")
+        parent = folded.get_submodule(parent_path) if parent_path else folded
+        setattr(parent, name, serial.fold(getattr(parent, name)))
+    return folded
+
+
+class SerialStudent(nn.Module):
+    """A classifier with the serial layer in series with its last linear layer: the trainable module of
+    AEKT's task separation, which each toolkit adapter wires in its own way.
+
+    ``split(x)`` returns ``(z_cls, z_kd)``; ``forward(x)`` returns the classification logits ``z_cls``
+    (with ``"cls_kd"`` exactly the wrapped model's output). ``fold()`` gives the deployable plain model.
+
+    Args:
+        model: any ``nn.Module`` that returns ``(B, C)`` logits.
+        order: ``"cls_kd"``, ``"kd_cls"`` or ``None`` (no serial layer: ``z_cls = z_kd``); the default is
+            ``DEFAULTS.order``.
+        residual: the residual parameterisation of ``S``.
+        num_classes: ``C``; read from ``model.num_classes`` or the classifier when omitted.
+
+    With ``"kd_cls"`` the classifier is found (:func:`find_classifier`) when the student is built, so a
+    model that cannot be folded is refused before any training.
+
+    Examples::
+
+        >>> student = SerialStudent(nn.Sequential(nn.Flatten(), nn.Linear(16, 10)), order="kd_cls")
+        >>> z_cls, z_kd = student.split(torch.randn(2, 4, 4))
+        >>> deployable = student.fold()  # an nn.Sequential with S folded into its Linear
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        order: str | None = DEFAULTS.order,
+        *,
+        residual: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_order(order)
+        self.model = model
+        self.order = order
+        self._classifier_paths = find_classifier(model) if order == "kd_cls" else None
+        self.serial: SerialLayer | None = None
+        if order is not None:
+            size = num_classes if num_classes is not None else _num_classes(model, self._classifier_paths)
+            self.serial = SerialLayer(size, order=order, residual=residual)
+            parameter = next(model.parameters(), None)
+            if parameter is not None:
+                self.serial.to(device=parameter.device, dtype=parameter.dtype)
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_cls, z_kd)`` for the input ``x``."""
+        return self._split_head(self.model(x))
+
+    def _split_head(self, head: object) -> tuple[Tensor, Tensor]:
+        """``(z_cls, z_kd)`` from the model's output ``head`` (checked to be a logits tensor)."""
+        logits = _as_logits(head, type(self.model).__name__)
+        if self.serial is None:
+            return logits, logits
+        return self.serial(logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The classification logits ``z_cls`` (``S`` is skipped for ``"cls_kd"``)."""
+        if self.serial is None or self.order == "cls_kd":
+            return self.model(x)
+        return self.split(x)[0]
+
+    def relation_matrix(self) -> Tensor:
+        """The learned ``C×C`` class-relation matrix of ``S``."""
+        if self.serial is None:
+            raise RuntimeError(
+                "this student has order=None and therefore no serial layer (no relation matrix)"
+            )
+        return self.serial.relation_matrix()
+
+    def fold(self) -> nn.Module:
+        """A copy of the wrapped model computing ``z_cls``, with ``S`` folded in for ``"kd_cls"``
+        (:func:`fold_serial`); this student is not modified."""
+        return fold_serial(self.model, self.serial, self._classifier_paths).train(self.training)
+
+
+def _num_classes(model: nn.Module, paths: list[str] | None) -> int:
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0:
+        return num_classes
+    try:
+        path = (paths or find_classifier(model))[0]
+    except TypeError:
+        raise ValueError(
+            f"num_classes: {type(model).__name__} has no num_classes attribute and no recognisable linear "
+            "classifier; pass num_classes"
+        ) from None
+    return model.get_submodule(path).out_features
+
+
+def _as_logits(output: object, who: str) -> Tensor:
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"{who} returned {type(output).__name__}, not a logits tensor; the serial layer needs a model "
+            "that returns (B, C) logits"
+        )
+    return output
+
+
+class KDWarmup(nn.Module):
+    """The linear warm-up ``min(progress / length, 1)`` of the distillation loss, as a schedule object.
+
+    Shaped like :class:`torch.optim.lr_scheduler.LinearLR`: :meth:`step` after every optimiser update,
+    :meth:`set_epoch` at the start of an epoch, :attr:`factor` to read, :meth:`state_dict` /
+    :meth:`load_state_dict` so that a resumed run continues where it stopped (it is an ``nn.Module`` whose
+    clock is a buffer, so it also travels inside a module's ``state_dict`` and to its device).
+
+    The clock counts optimiser steps from 0 (the factor is 0 at the first step and rises linearly):
+
+    * ``KDWarmup(steps=N)``: ``factor = min(steps / N, 1)``;
+    * ``KDWarmup(epochs=E, steps_per_epoch=S)``: the same with ``N = E·S``; :meth:`set_epoch` moves the
+      clock to the epoch's first step;
+    * ``KDWarmup(epochs=E)``: epoch granularity, ``factor = min((epoch + 1) / E, 1)`` for the 0-based
+      epoch last given to :meth:`set_epoch` (mdistiller's ``min(epoch / WARMUP, 1)`` with its 1-based
+      epochs).
+
+    A length of 0 means no warm-up (factor 1). :attr:`factor` is a 0-d tensor on the clock's device
+    (no host synchronisation, and no recompilation under ``torch.compile`` as the clock advances).
+    """
+
+    steps: Tensor
+    epoch: Tensor
+
+    def __init__(
+        self, *, steps: float | None = None, epochs: float | None = None, steps_per_epoch: int | None = None
+    ) -> None:
+        super().__init__()
+        if (steps is None) == (epochs is None):
+            raise ValueError("KDWarmup takes exactly one of steps= and epochs=")
+        if steps is not None and steps_per_epoch is not None:
+            raise ValueError("steps_per_epoch goes with epochs=, not steps=")
+        length = steps if steps is not None else epochs
+        if isinstance(length, bool) or not isinstance(length, (int, float)) or not length >= 0:
+            raise ValueError(f"the warm-up length must be a number >= 0, got {length!r}")
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        self.steps_per_epoch = steps_per_epoch
+        self.by_epoch = epochs is not None and steps_per_epoch is None
+        self.length = float(length) * (steps_per_epoch or 1)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("epoch", torch.full((), -1, dtype=torch.int64))
+        self._epoch_known = False  # kept on the host: reading the buffer would synchronise a CUDA device
+
+    @property
+    def factor(self) -> Tensor:
+        """The current factor, a 0-d float tensor in ``[0, 1]``."""
+        if self.length <= 0:
+            return torch.ones((), dtype=torch.float32, device=self.steps.device)
+        if self.by_epoch:
+            if not self._epoch_known:
+                raise RuntimeError(
+                    "KDWarmup(epochs=...) has no epoch yet: call set_epoch(epoch) at the start of each "
+                    "epoch, or give steps_per_epoch and call step() after each optimiser update"
+                )
+            progress = self.epoch.to(torch.float64) + 1
+        else:
+            progress = self.steps
+        return (progress / self.length).clamp(0.0, 1.0).to(torch.float32)
+
+    def step(self) -> None:
+        """Count one optimiser update."""
+        self.steps.add_(1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the 0-based ``epoch``; with ``steps_per_epoch`` the clock moves to its first step."""
+        self.epoch.fill_(int(epoch))
+        self._epoch_known = True
+        if self.steps_per_epoch is not None:
+            self.steps.fill_(int(epoch) * self.steps_per_epoch)
+
+    def set_step(self, steps: int) -> None:
+        """Set the number of optimiser updates done so far (timm's ``update_ema(step=...)``)."""
+        self.steps.fill_(int(steps))
+
+    def extra_repr(self) -> str:
+        unit = "epochs" if self.by_epoch else "steps"
+        return f"length={self.length:g} {unit}" + (
+            f", steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch else ""
+        )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._epoch_known = int(self.epoch) >= 0

@@ -1,12 +1,16 @@
-"""The serial layer of SPEC §3: identity start, both orders, exact folding (S1), warm-up."""
+"""Task separation: the serial layer (identity start, both orders, exact folding (S1)), the student that
+carries it, the classifier finder, and the warm-up schedule."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from torch import nn
 
-from aekt_plugin import SerialLayer, check_order, split_logits, warmup_factor
+from aekt_plugin import SerialLayer
+from aekt_plugin.serial import KDWarmup, SerialStudent, find_classifier, fold_serial
 
 
 @pytest.mark.parametrize("order", ["cls_kd", "kd_cls"])
@@ -63,10 +67,86 @@ def test_reset_restores_the_identity_at_a_new_size():
     torch.testing.assert_close(serial.relation_matrix(), torch.eye(9))
 
 
-def test_split_logits_without_a_serial_layer_returns_the_head_twice():
-    head = torch.randn(2, 3)
-    z_cls, z_kd = split_logits(head, None)
-    assert z_cls is head and z_kd is head
+def test_fold_of_a_float64_layer_into_a_float32_classifier_without_bias():
+    serial = _trained("kd_cls").double()
+    classifier = nn.Linear(11, 6, bias=False)
+    features = torch.randn(5, 11)
+    folded = serial.fold(classifier)
+    assert folded.weight.dtype == torch.float32 and folded.bias is not None
+    expected, _ = serial(classifier(features).double())
+    torch.testing.assert_close(folded(features).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Net(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU())
+        self.head = head
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize("order", [None, "cls_kd", "kd_cls"])
+def test_serial_student_splits_and_folds_into_the_plain_model(order):
+    torch.manual_seed(0)
+    student = SerialStudent(_Net(nn.Linear(8, 5)), order=order)
+    if student.serial is not None:
+        with torch.no_grad():
+            student.serial.weight.add_(torch.randn(5, 5) * 0.3)
+    x = torch.randn(4, 3, 4)
+    z_cls, z_kd = student.split(x)
+    head = student.model(x)
+    if order is None:
+        assert torch.equal(z_cls, head) and torch.equal(z_kd, head)
+    elif order == "cls_kd":
+        assert torch.equal(z_cls, head) and not torch.allclose(z_kd, head)
+    else:
+        assert torch.equal(z_kd, head) and not torch.allclose(z_cls, head)
+    torch.testing.assert_close(student(x), z_cls)
+    deployed = student.fold()
+    assert type(deployed) is _Net and deployed is not student.model
+    torch.testing.assert_close(deployed(x), z_cls, rtol=1e-5, atol=1e-5)
+
+
+def test_find_classifier_names_the_linear_that_makes_the_logits():
+    assert find_classifier(_Net(nn.Linear(8, 5))) == ["head"]
+    assert find_classifier(_Net(nn.Sequential(nn.Dropout(), nn.Linear(8, 5)))) == ["head.1"]
+
+    class TwoHeads(_Net):  # DeiT-distilled: the model averages two heads
+        def get_classifier(self):
+            return self.head, self.head_dist
+
+    two = TwoHeads(nn.Linear(8, 5))
+    two.head_dist = nn.Linear(8, 5)
+    assert find_classifier(two) == ["head", "head_dist"]
+    serial = _trained("kd_cls", classes=5)
+    folded = fold_serial(two, serial)
+    x = torch.randn(3, 12)
+    features = two.body(x)
+    expected = serial((two.head(features) + two.head_dist(features)) / 2)[0]
+    torch.testing.assert_close((folded.head(features) + folded.head_dist(features)) / 2, expected)
+
+
+def test_a_model_that_cannot_be_folded_is_refused_when_the_student_is_built():
+    conv_head = _Net(nn.Identity())
+    conv_head.head = nn.Conv2d(8, 5, 1)
+    with pytest.raises(TypeError, match="order='cls_kd'"):
+        SerialStudent(conv_head, order="kd_cls")
+    assert SerialStudent(copy.deepcopy(conv_head), order="cls_kd", num_classes=5).serial is not None
+
+
+def test_serial_student_refuses_a_model_that_does_not_return_logits():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(TypeError, match="logits"):
+        SerialStudent(Pair(), order="cls_kd").split(torch.randn(1, 2))
 
 
 def test_gradients_flow_to_the_serial_layer():
@@ -84,7 +164,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_classes"):
         SerialLayer(0)
     with pytest.raises(ValueError, match="order"):
-        check_order("both")
+        SerialStudent(_Net(nn.Linear(8, 5)), order="both")
     with pytest.raises(ValueError, match="5 classes"):
         SerialLayer(5).transform(torch.randn(2, 4))
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -93,9 +173,49 @@ def test_bad_arguments_are_named():
         SerialLayer(5, order="kd_cls").fold(nn.Linear(3, 4))
 
 
-@pytest.mark.parametrize(
-    ("progress", "warmup", "expected"),
-    [(0, 20, 0.0), (5, 20, 0.25), (20, 20, 1.0), (100, 20, 1.0), (3, 0, 1.0), (-1, 10, 0.0)],
-)
-def test_warmup_factor_is_linear_from_zero(progress, warmup, expected):
-    assert warmup_factor(progress, warmup) == pytest.approx(expected)
+def test_warmup_counts_optimiser_steps_linearly_from_zero():
+    warmup = KDWarmup(steps=4)
+    factors = []
+    for _ in range(6):
+        factors.append(float(warmup.factor))
+        warmup.step()
+    assert factors == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert float(KDWarmup(steps=0).factor) == 1.0
+
+
+def test_warmup_in_epochs_with_steps_per_epoch_jumps_to_the_epoch_start():
+    warmup = KDWarmup(epochs=2, steps_per_epoch=5)
+    warmup.set_epoch(1)
+    assert float(warmup.factor) == pytest.approx(0.5)
+    warmup.step()
+    assert float(warmup.factor) == pytest.approx(0.6)
+
+
+def test_warmup_by_epoch_follows_mdistillers_rule_and_needs_an_epoch():
+    warmup = KDWarmup(epochs=4)
+    with pytest.raises(RuntimeError, match="set_epoch"):
+        _ = warmup.factor
+    warmup.set_epoch(0)  # mdistiller's first epoch (1-based 1): min(1 / 4, 1)
+    assert float(warmup.factor) == pytest.approx(0.25)
+    warmup.set_epoch(9)
+    assert float(warmup.factor) == 1.0
+
+
+def test_warmup_state_survives_a_checkpoint():
+    warmup = KDWarmup(epochs=3)
+    warmup.set_epoch(1)
+    resumed = KDWarmup(epochs=3)
+    resumed.load_state_dict(warmup.state_dict())
+    assert float(resumed.factor) == float(warmup.factor) == pytest.approx(2 / 3)
+    steps = KDWarmup(steps=10)
+    for _ in range(7):
+        steps.step()
+    restored = KDWarmup(steps=10)
+    restored.load_state_dict(steps.state_dict())
+    assert float(restored.factor) == pytest.approx(0.7)
+
+
+def test_warmup_arguments_are_checked():
+    for kwargs in ({}, {"steps": 3, "epochs": 2}, {"steps": -1}, {"epochs": 2, "steps_per_epoch": 0}):
+        with pytest.raises(ValueError):
+            KDWarmup(**kwargs)

@@ -1,11 +1,13 @@
 """Training of the demo's teacher and students: one loop, the methods differ only in the loss.
 
-Per step, with head logits ``h = student(x)`` and ``(z_cls, z_kd) = split_logits(h, S)`` (SPEC §3)::
+Per step, with ``(z_cls, z_kd) = SerialStudent(student, order).split(x)`` (both the student's logits
+without a serial layer)::
 
     loss = ce_weight · CE(z_cls, y) + min(step / warmup_steps, 1) · L(z_kd, v, y)
 
-where ``v`` are the cached teacher logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the
-core (``T²`` inside, SPEC §2); ``L = 0`` for CE. The warm-up counts optimiser steps linearly from 0.
+where ``v`` are the teacher's logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the core
+(``T²`` inside); ``L = 0`` for CE. The warm-up (:class:`aekt_plugin.serial.KDWarmup`) counts optimiser
+steps linearly from 0.
 Accuracy is measured on ``z_cls`` at the last epoch (nothing is selected on the test set).
 """
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..serial import KDWarmup
 from .data import Splits
 from .models import count_parameters, make_model
 
@@ -106,12 +109,9 @@ class MethodConfig:
     def build(self, student: nn.Module, num_classes: int) -> nn.Module:
         """The trained module: ``student`` with this method's serial layer; ``split(x)`` gives
         ``(z_cls, z_kd)``, ``forward(x)`` the classification logits."""
-        import aekt_plugin as ak
+        from aekt_plugin.serial import SerialStudent
 
-        serial = None
-        if self.order is not None:
-            serial = ak.SerialLayer(num_classes, order=self.order, residual=self.residual)
-        return _Classifier(student, serial)
+        return SerialStudent(student, self.order, residual=self.residual, num_classes=num_classes)
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def train_teacher(
     model, _ = train_student(
         data, None, MethodConfig("teacher", loss="ce"), cfg, seed=seed, progress=progress, batches=batches
     )
-    return model.student  # type: ignore[return-value]
+    return model.model  # type: ignore[return-value]
 
 
 def get_teacher(
@@ -278,26 +278,6 @@ def fixed_batches(x: torch.Tensor, teacher_logits: torch.Tensor | None) -> Batch
     return batches
 
 
-class _Classifier(nn.Module):
-    """Student + optional serial layer; ``forward`` returns the classification logits ``z_cls``."""
-
-    def __init__(self, student: nn.Module, serial: nn.Module | None) -> None:
-        super().__init__()
-        self.student = student
-        self.serial = serial
-
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        head = self.student(x)
-        if self.serial is None:
-            return head, head
-        import aekt_plugin as ak
-
-        return ak.split_logits(head, self.serial)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.split(x)[0]
-
-
 def train_student(
     data: Splits,
     teacher_logits: torch.Tensor | None,
@@ -318,8 +298,6 @@ def train_student(
     and (clean) training accuracy, the per-epoch validation accuracy (when a validation split exists), the
     mean training losses, whether the run collapsed (:func:`is_collapsed`) and its wall time.
     """
-    import aekt_plugin as ak
-
     loss_fn = method.loss_fn()
     if loss_fn is not None and teacher_logits is None and batches is None:
         raise ValueError(f"method {method.name!r} ({method.loss}) needs teacher_logits")
@@ -349,7 +327,7 @@ def train_student(
     n = data.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
+    warmup = KDWarmup(steps=cfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed + 12345)
     step = 0
     history: list[dict[str, float]] = []
@@ -369,8 +347,7 @@ def train_student(
             loss_ce = method.ce_weight * F.cross_entropy(z_cls, y)
             loss = loss_ce
             if loss_fn is not None:
-                kd_scale = ak.warmup_factor(step, warmup_steps)
-                loss_kd = kd_scale * loss_fn(z_kd, v, y)
+                loss_kd = warmup.factor * loss_fn(z_kd, v, y)
                 loss = loss + loss_kd
                 sums["loss_kd"] += float(loss_kd.detach())
             sums["loss_ce"] += float(loss_ce.detach())
@@ -380,6 +357,7 @@ def train_student(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            warmup.step()
             step += 1
         rec = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
         if data.x_val.shape[0]:
