@@ -12,8 +12,8 @@ module adapts it in three ways, importing it only when one of them is used:
   unchanged ``tools/train.py``; it also ships AEKT configs for every pair mdistiller ships DKD configs for
   (:func:`list_configs`, :func:`read_config`, :func:`config_file`).
 
-The objective of one training step, with ``z_cls, z_kd`` the classification and distillation logits of
-SPEC §3 (both equal to the student's logits when ``ORDER`` is null) and ``v`` the teacher's logits::
+The objective of one training step, with ``z_cls, z_kd`` the classification and distillation logits
+(both equal to the student's logits when ``ORDER`` is null, the default) and ``v`` the teacher's logits::
 
     loss_ce = CE_WEIGHT · CE(z_cls, y)
     loss_kd = min(epoch / WARMUP, 1) · T² · (ALPHA · min(q_t/p_t, MAX_WEIGHT) · TCKD + BETA · NCKD)
@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import DEFAULTS, AEKTLoss, DKDLoss, SerialLayer, check_order, configs, split_logits, warmup_factor
-from ._validation import check_bool, check_non_negative, check_positive
+from . import DEFAULTS, AEKTLoss, DKDLoss, SerialLayer, configs
+from ._validation import check_bool, check_non_negative, check_order, check_positive, warn_if_probabilities
+from .serial import KDWarmup, find_classifier
 
 __all__ = [
     "CFG_NODE",
@@ -76,10 +77,6 @@ DISTILLER_NAMES = ("AEKT", "DKD_FUSED")
 """The keys :func:`register` adds to mdistiller's ``distiller_dict``."""
 
 _CLASS_NAMES = {"AEKT": "AEKT", "DKD_FUSED": "DKDFused"}
-
-# mdistiller's models name their last layer ``fc`` (ResNets, WRN, MobileNetV1), ``classifier`` (VGG; an
-# nn.Sequential ending in the Linear for MobileNetV2) or ``linear`` (ShuffleNets, CIFAR ResNet50/18).
-_CLASSIFIER_NAMES = ("fc", "classifier", "linear")
 
 _TOOLKIT = "mdistiller"
 
@@ -134,14 +131,15 @@ def _cfg_defaults() -> Any:
     from yacs.config import CfgNode
 
     node = CfgNode()
-    node.CE_WEIGHT = float(DEFAULTS["ce_weight"])  # type: ignore[arg-type]
-    node.ALPHA = float(DEFAULTS["alpha"])  # type: ignore[arg-type]
-    node.BETA = float(DEFAULTS["beta"])  # type: ignore[arg-type]
-    node.T = float(DEFAULTS["temperature"])  # type: ignore[arg-type]
-    node.MAX_WEIGHT = float(DEFAULTS["max_weight"])  # type: ignore[arg-type]
-    node.NORMALIZE_WEIGHT = bool(DEFAULTS["normalize_weight"])
-    node.ORDER = DEFAULTS["order"]  # "cls_kd", "kd_cls" or None (yaml: null)
-    node.WARMUP = int(DEFAULTS["warmup"])  # type: ignore[call-overload]
+    node.CE_WEIGHT = float(DEFAULTS.ce_weight)
+    node.ALPHA = float(DEFAULTS.alpha)
+    node.BETA = float(DEFAULTS.beta)
+    node.T = float(DEFAULTS.temperature)
+    node.MAX_WEIGHT = float(DEFAULTS.max_weight)
+    node.NORMALIZE_WEIGHT = bool(DEFAULTS.normalize_weight)
+    node.STANDARDIZE = False
+    node.ORDER = DEFAULTS.order  # "cls_kd", "kd_cls" or None (yaml: null)
+    node.WARMUP = int(DEFAULTS.warmup)
     return node
 
 
@@ -185,14 +183,14 @@ def register() -> dict[str, type]:
 
 
 def _find_classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """``(qualified name, module)`` of the ``nn.Linear`` producing ``model``'s logits, if recognisable."""
-    for name in _CLASSIFIER_NAMES:
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Linear):
-            return name, module
-        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
-            return f"{name}.{len(module) - 1}", module[-1]
-    return None
+    """``(qualified name, module)`` of the ``nn.Linear`` producing ``model``'s logits, if recognisable:
+    mdistiller's models name it ``fc`` (ResNets, WRN, MobileNetV1), ``classifier`` (VGG; an
+    ``nn.Sequential`` ending in it for MobileNetV2) or ``linear`` (ShuffleNets, CIFAR ResNet50/18)."""
+    try:
+        (path,) = find_classifier(model)
+    except (TypeError, ValueError):
+        return None
+    return path, model.get_submodule(path)
 
 
 def _cfg_node(cfg: Any, name: str) -> Any:
@@ -285,8 +283,10 @@ class _LogitDistiller:
         prefix = self.cfg_node
         self.ce_loss_weight = check_non_negative(f"{prefix}.CE_WEIGHT", node.CE_WEIGHT)
         self.warmup = check_non_negative(f"{prefix}.WARMUP", node.WARMUP)
-        # validate_args=False: a training step is the hot loop of SPEC §4 (no host sync per step); shapes,
-        # dtypes and options are still checked. The options are checked here first, under their yaml names.
+        self.kd_warmup = KDWarmup(epochs=self.warmup)
+        self._teacher_checked = False
+        # validate_args=False: a training step is the hot loop (no host sync per step); shapes, dtypes and
+        # options are still checked. The options are checked here first, under their yaml names.
         self.kd_criterion = self.loss_class(
             temperature=check_positive(f"{prefix}.T", node.T),
             alpha=check_non_negative(f"{prefix}.ALPHA", node.ALPHA),
@@ -322,7 +322,7 @@ class _LogitDistiller:
         if order == "kd_cls" and found_student is None:
             raise ValueError(
                 f"{self.cfg_node}.ORDER: kd_cls folds the serial layer into the student's last nn.Linear "
-                f"(looked for {', '.join(_CLASSIFIER_NAMES)}) so that student checkpoints stay loadable, and "
+                "(fc, classifier, linear or head) so that student checkpoints stay loadable, and "
                 f"{type(student).__name__} has none; use ORDER: cls_kd or null"
             )
         found = found_student or found_teacher
@@ -331,7 +331,7 @@ class _LogitDistiller:
                 return 0
             raise ValueError(
                 f"{self.cfg_node}.ORDER: {order} needs the class count, read from the last nn.Linear "
-                f"({', '.join(_CLASSIFIER_NAMES)}) of the student or teacher, and neither has one; "
+                "(fc, classifier, linear or head) of the student or teacher, and neither has one; "
                 "use ORDER: null"
             )
         return found[1].out_features
@@ -357,17 +357,23 @@ class _LogitDistiller:
         head = _logits(self.student(image), "student")
         with torch.no_grad():
             logits_teacher = _logits(self.teacher(image), "teacher")
-        z_cls, z_kd = split_logits(head, self.serial)
+        if not self._teacher_checked:  # once: the loss runs with validate_args=False
+            warn_if_probabilities(f"the {self.cfg_node} distiller's teacher logits", logits_teacher)
+            self._teacher_checked = True
+        z_cls, z_kd = self._split(head)
         loss_ce = self.ce_loss_weight * F.cross_entropy(z_cls, target)
         loss_kd = self._warmup_factor(kwargs.get("epoch")) * self.kd_criterion(z_kd, logits_teacher, target)
         return z_cls, {"loss_ce": loss_ce, "loss_kd": loss_kd}
 
     def forward_test(self, image: Tensor) -> Tensor:
         """The classification logits ``z_cls`` (what the exported student computes)."""
-        return split_logits(_logits(self.student(image), "student"), self.serial)[0]
+        return self._split(_logits(self.student(image), "student"))[0]
+
+    def _split(self, head: Tensor) -> tuple[Tensor, Tensor]:
+        return (head, head) if self.serial is None else self.serial(head)
 
     # -- the loss --------------------------------------------------------------------------------------------
-    def _warmup_factor(self, epoch: object) -> float:
+    def _warmup_factor(self, epoch: object) -> Tensor | float:
         if epoch is None:
             if self.warmup > 0:
                 warnings.warn(
@@ -378,11 +384,12 @@ class _LogitDistiller:
                     stacklevel=3,
                 )
             return 1.0
-        return warmup_factor(float(epoch), self.warmup)  # type: ignore[arg-type]
+        self.kd_warmup.set_epoch(int(epoch) - 1)  # mdistiller counts epochs from 1: min(epoch / WARMUP, 1)
+        return self.kd_warmup.factor
 
 
 class _AEKTDistiller(_LogitDistiller):
-    """Adaptive explicit knowledge transfer (SPEC §2) with the task-separating serial layer (SPEC §3).
+    """Adaptive explicit knowledge transfer with the task-separating serial layer (off by default).
 
     Config node ``AEKT`` (defaults from :data:`aekt_plugin.DEFAULTS`):
 
@@ -395,6 +402,7 @@ class _AEKTDistiller(_LogitDistiller):
     T                 float  temperature ``T`` (``T²`` is inside the loss)
     MAX_WEIGHT        float  ``w_max``, bound of the ratio weight (``.inf`` for none)
     NORMALIZE_WEIGHT  bool   divide the ratio weight by its batch mean
+    STANDARDIZE       bool   logit standardization of student and teacher first (Sun et al., CVPR 2024)
     ORDER             str    ``cls_kd``, ``kd_cls`` or ``null`` (no serial layer)
     WARMUP            int    epochs of the linear warm-up ``min(epoch/WARMUP, 1)`` of ``loss_kd``
     ================  =====  ===================================================================
@@ -407,6 +415,7 @@ class _AEKTDistiller(_LogitDistiller):
         return {
             "max_weight": check_positive(f"{self.cfg_node}.MAX_WEIGHT", node.MAX_WEIGHT, allow_inf=True),
             "normalize_weight": check_bool(f"{self.cfg_node}.NORMALIZE_WEIGHT", node.NORMALIZE_WEIGHT),
+            "standardize": check_bool(f"{self.cfg_node}.STANDARDIZE", node.STANDARDIZE),
         }
 
     def _order(self, node: Any) -> str | None:

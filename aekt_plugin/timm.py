@@ -2,11 +2,12 @@ r"""AEKT for timm: a student wrapper with the serial layer and a timm training t
 
 Two lines change against timm's own logit distillation::
 
-    student = AEKTStudent(timm.create_model("resnet18", num_classes=100), order="cls_kd")  # was: model
+    student = timm.create_model("resnet18", num_classes=100)
     task = AEKTDistillationTask(student, "resnet50", updates_per_epoch=len(loader))  # was: LogitDistill...
 
-:class:`AEKTStudent` adds the serial layer ``S`` of SPEC §3 after any timm classifier and keeps timm's model
-API; like DeiT's ``VisionTransformerDistilled``, ``set_distilled_training(True)`` makes a training-mode
+:class:`AEKTDistillationTask` takes any timm classifier. :class:`AEKTStudent` adds AEKT's serial layer
+``S`` after the classifier (:class:`aekt_plugin.serial.SerialStudent`) and keeps timm's model API; like
+DeiT's ``VisionTransformerDistilled``, ``set_distilled_training(True)`` makes a training-mode
 ``forward`` return ``(z_cls, z_kd)``, while an eval-mode ``forward`` returns the classification logits
 ``z_cls`` as a plain tensor. :class:`AEKTDistillationTask` is a :class:`timm.task.TrainingTask` that
 returns ``{"loss", "output", "task_loss", "kd_loss"}`` like :class:`timm.task.LogitDistillationTask`::
@@ -21,7 +22,6 @@ Importing this module imports timm (>= 1.0.23, the first release with ``timm.tas
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import DEFAULTS, SerialLayer, aekt_loss, check_order, split_logits, warmup_factor
-from ._validation import check_bool
+from . import DEFAULTS, aekt_loss
+from ._validation import check_bool, check_order, warn_if_probabilities
+from .serial import KDWarmup, SerialStudent
 
 _TIMM_MIN_VERSION = (1, 0, 23)
 
@@ -134,50 +135,8 @@ def _check_timm_classifier(model: object) -> nn.Module:
     return model
 
 
-def _linear_heads(model: nn.Module) -> list[str]:
-    """Dotted paths of the ``nn.Linear`` layer(s) producing ``model``'s logits, or a TypeError.
-
-    Accepted classifiers: an ``nn.Linear``; an ``nn.Sequential`` ending in one; a timm head
-    (``ClassifierHead``, ``NormMlpClassifierHead``) whose ``fc`` is one with nothing but an identity after
-    it; or a tuple of those whose outputs the model averages (DeiT-distilled's ``(head, head_dist)``).
-    """
-    classifier = model.get_classifier()
-    parts = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
-    linears = []
-    for part in parts:
-        linear = None
-        if isinstance(part, nn.Linear):
-            linear = part
-        elif isinstance(part, nn.Sequential) and len(part) and isinstance(part[-1], nn.Linear):
-            linear = part[-1]
-        elif isinstance(getattr(part, "fc", None), nn.Linear) and isinstance(
-            getattr(part, "flatten", nn.Identity()), (nn.Identity, nn.Flatten)
-        ):
-            linear = part.fc
-        if linear is None:
-            raise TypeError(
-                f"fold() needs the classifier to be an nn.Linear (or a timm head ending in one); "
-                f"{type(model).__name__}.get_classifier() gives {type(part).__name__}. Fold by hand with "
-                "student.serial.fold(linear) where the logits' last linear map is"
-            )
-        linears.append(linear)
-    names = {id(module): name for name, module in model.named_modules()}
-    paths = []
-    for linear in linears:
-        if id(linear) not in names:
-            raise TypeError(f"the classifier of {type(model).__name__} is not a submodule of it; cannot fold")
-        paths.append(names[id(linear)])
-    return paths
-
-
-def _replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
-class AEKTStudent(nn.Module):
-    r"""A timm classifier with AEKT's serial layer (SPEC §3) in series with its classifier.
+class AEKTStudent(SerialStudent):
+    r"""A timm classifier with AEKT's serial layer in series with its classifier.
 
     With ``h`` the pooled features and ``head(h)`` the wrapped model's logits:
 
@@ -199,14 +158,15 @@ class AEKTStudent(nn.Module):
         model: a timm classifier (``timm.create_model(..., num_classes >= 1)``). DeiT-distilled models are
             accepted with ``distilled_training`` off: the mean of their two heads (their inference output)
             is the classifier.
-        order: ``"cls_kd"`` (the default: ``S`` is dropped at inference, so the wrapped model is what you
-            deploy), ``"kd_cls"`` or ``None`` (no serial layer). The accuracy benchmark found no gain from
-            the serial layer on Fashion-MNIST-100 (``aekt_plugin.DEFAULTS["order"]`` is ``None``), so
-            :class:`AEKTDistillationTask` also takes the plain timm model; the wrapper is for measuring
-            the separation and for reading :meth:`relation_matrix`.
+        order: ``"cls_kd"`` (``S`` is dropped at inference, so the wrapped model is what you deploy),
+            ``"kd_cls"`` (``S`` is folded into the classifier by :meth:`fold`; checked when the wrapper is
+            built) or ``None`` (no serial layer). The default is ``aekt_plugin.DEFAULTS.order``, ``None``:
+            the accuracy benchmark found no gain from the serial layer, so :class:`AEKTDistillationTask`
+            takes the plain timm model as well; the wrapper is for measuring the separation and for
+            reading :meth:`relation_matrix`.
         residual: the residual parameterisation of ``S``.
         serial_weight_decay: ``False`` lists ``S``'s parameters in :meth:`no_weight_decay`, so timm's
-            optimizer factory exempts them from weight decay (one of SPEC §3's variants).
+            optimizer factory exempts them from weight decay.
 
     Examples::
 
@@ -222,26 +182,17 @@ class AEKTStudent(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        order: str | None = "cls_kd",
+        order: str | None = DEFAULTS.order,
         *,
         residual: bool = False,
         serial_weight_decay: bool = True,
     ) -> None:
-        super().__init__()
         check_order(order)
         if isinstance(model, AEKTStudent):
             raise TypeError("model is already an AEKTStudent; wrap the timm model once")
         _check_timm_classifier(model)
         check_bool("serial_weight_decay", serial_weight_decay)
-        self.model = model
-        self.order = order
-        self.serial = (
-            None if order is None else SerialLayer(model.num_classes, order=order, residual=residual)
-        )
-        if self.serial is not None:
-            weight = next(model.parameters(), None)
-            if weight is not None:
-                self.serial.to(device=weight.device, dtype=weight.dtype)
+        super().__init__(model, order, residual=residual, num_classes=model.num_classes)
         self.serial_weight_decay = serial_weight_decay
         self.in_chans = _infer_in_chans(model)
         self.distilled_training = False
@@ -344,8 +295,11 @@ class AEKTStudent(nn.Module):
             )
         return head
 
+    def _split_head(self, head: object) -> tuple[Tensor, Tensor]:
+        return super()._split_head(self._check_head(head))
+
     def _route(self, head: object) -> Tensor | tuple[Tensor, Tensor]:
-        z_cls, z_kd = split_logits(self._check_head(head), self.serial)
+        z_cls, z_kd = self._split_head(head)
         if self.distilled_training and self.training and not torch.jit.is_scripting():
             return z_cls, z_kd
         return z_cls
@@ -361,15 +315,9 @@ class AEKTStudent(nn.Module):
 
     def forward_split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(z_cls, z_kd)`` in any mode (the task's eval-mode path)."""
-        return split_logits(self._check_head(self.model(x)), self.serial)
+        return self.split(x)
 
     # --- the serial layer --------------------------------------------------------------------------
-    def relation_matrix(self) -> Tensor:
-        """The serial layer's effective ``C×C`` map (the learned inter-class relations), detached."""
-        if self.serial is None:
-            raise RuntimeError("this AEKTStudent has order=None and therefore no serial layer")
-        return self.serial.relation_matrix()
-
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """A plain timm model for deployment whose output equals this wrapper's eval output.
@@ -380,24 +328,10 @@ class AEKTStudent(nn.Module):
         The returned model has the wrapped model's class, state-dict keys and train/eval mode; this
         wrapper is not modified.
 
-        Raises:
-            TypeError: for ``"kd_cls"``, when the classifier is not an ``nn.Linear`` or a timm head ending
-                in one (``"cls_kd"`` needs no folding and always works).
+        A classifier that cannot be folded (not an ``nn.Linear`` or a timm head ending in one) is refused
+        when an ``"kd_cls"`` wrapper is built, not here; ``"cls_kd"`` needs no folding.
         """
-        folded = copy.deepcopy(self.model)
-        if self.serial is None:
-            return folded
-        try:
-            paths = _linear_heads(self.model)
-        except TypeError:
-            if self.order == "cls_kd":
-                return folded
-            raise
-        for path in paths:
-            new = self.serial.fold(self.model.get_submodule(path))
-            new.train(self.model.training)
-            _replace_submodule(folded, path, new)
-        return folded
+        return super().fold()
 
     def extra_repr(self) -> str:
         return f"order={self.order!r}, distilled_training={self.distilled_training}"
@@ -406,7 +340,7 @@ class AEKTStudent(nn.Module):
 def create_student(
     model_name: str,
     *,
-    order: str | None = "cls_kd",
+    order: str | None = DEFAULTS.order,
     residual: bool = False,
     serial_weight_decay: bool = True,
     **timm_kwargs: Any,
@@ -466,7 +400,7 @@ class AEKTDistillationTask(TrainingTask):
     decomposes around the argmax class of a soft target.
 
     **Warm-up clock.** ``progress`` is in epochs. With ``updates_per_epoch`` it counts optimizer updates
-    (``num_updates / updates_per_epoch``, linear from 0, as SPEC §6 advises for small problems): timm's
+    (``num_updates / updates_per_epoch``, linear from 0, which small problems need): timm's
     ``train.py`` calls ``task.update_ema(step=num_updates)`` after every optimizer step, which sets the
     count exactly (gradient accumulation and resumed runs included); loops that do not are counted one
     update per training-mode forward, or can call :meth:`step_update`. Without ``updates_per_epoch`` it
@@ -486,8 +420,10 @@ class AEKTDistillationTask(TrainingTask):
         criterion_kwargs: arguments for ``create_classification_loss`` when ``criterion`` is ``None``.
         teacher_pretrained_path: local weights for a teacher given by name.
         teacher_pretrained_cfg_overlay: pretrained cfg overrides for a teacher given by name.
-        temperature, alpha, beta, max_weight, normalize_weight: the AEKT loss (SPEC §2); defaults from
-            ``aekt_plugin.DEFAULTS``.
+        temperature, alpha, beta, max_weight, normalize_weight, standardize: the AEKT loss
+            (:func:`aekt_plugin.aekt_loss`); defaults from ``aekt_plugin.DEFAULTS``. A 0-d temperature
+            tensor that requires grad (a learnable temperature) receives ``dL/dT``; give it to the
+            optimizer yourself.
         ce_weight: weight of the task loss (timm's ``task_loss_weight``).
         warmup_epochs: epochs over which ``kd_loss`` ramps up linearly; ``0`` disables the warm-up.
         updates_per_epoch: optimizer updates per epoch; turns on the optimizer-step clock.
@@ -517,13 +453,14 @@ class AEKTDistillationTask(TrainingTask):
         teacher_pretrained_path: str | None = None,
         teacher_pretrained_cfg_overlay: dict[str, Any] | None = None,
         *,
-        temperature: float = DEFAULTS["temperature"],  # type: ignore[assignment]
-        alpha: float = DEFAULTS["alpha"],  # type: ignore[assignment]
-        beta: float = DEFAULTS["beta"],  # type: ignore[assignment]
-        max_weight: float = DEFAULTS["max_weight"],  # type: ignore[assignment]
-        normalize_weight: bool = DEFAULTS["normalize_weight"],  # type: ignore[assignment]
-        ce_weight: float = DEFAULTS["ce_weight"],  # type: ignore[assignment]
-        warmup_epochs: float = DEFAULTS["warmup"],  # type: ignore[assignment]
+        temperature: float | Tensor = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        beta: float = DEFAULTS.beta,
+        max_weight: float = DEFAULTS.max_weight,
+        normalize_weight: bool = DEFAULTS.normalize_weight,
+        standardize: bool = False,
+        ce_weight: float = DEFAULTS.ce_weight,
+        warmup_epochs: float = DEFAULTS.warmup,
         updates_per_epoch: int | None = None,
         validate_args: bool = True,
         device: torch.device | None = None,
@@ -542,9 +479,13 @@ class AEKTDistillationTask(TrainingTask):
             beta=beta,
             max_weight=max_weight,
             normalize_weight=normalize_weight,
+            standardize=standardize,
         )
         # Check the loss options now, not at the first batch: one call on a dummy batch.
-        aekt_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.loss_kwargs)
+        with torch.no_grad():
+            aekt_loss(
+                torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.loss_kwargs
+            )
         for name, value in (("ce_weight", ce_weight), ("warmup_epochs", warmup_epochs)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -575,10 +516,11 @@ class AEKTDistillationTask(TrainingTask):
         self.ce_weight = float(ce_weight)
         self.warmup_epochs = float(warmup_epochs)
         self.updates_per_epoch = updates_per_epoch
-        self.validate_args = validate_args
-        self.num_updates = 0
-        self.epoch: int | None = None
+        self.validate_args = check_bool("validate_args", validate_args)
+        # A tensor clock: torch.compile of the task does not recompile as it advances.
+        self.kd_clock = KDWarmup(epochs=self.warmup_epochs, steps_per_epoch=updates_per_epoch).to(self.device)
         self._steps_reported = False
+        self._teacher_checked = validate_args  # with validate_args the loss checks the teacher's logits
 
         mean = torch.tensor(_cfg_stat(student, "mean", _IMAGENET_MEAN), device=self.device, dtype=self.dtype)
         std = torch.tensor(_cfg_stat(student, "std", _IMAGENET_STD), device=self.device, dtype=self.dtype)
@@ -632,9 +574,24 @@ class AEKTDistillationTask(TrainingTask):
         )
 
     # --- warm-up clock -----------------------------------------------------------------------------
+    @property
+    def num_updates(self) -> int:
+        """Optimizer updates counted so far (reads the clock: a host synchronisation on CUDA)."""
+        return int(self.kd_clock.steps)
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        self.kd_clock.set_step(value)
+
+    @property
+    def epoch(self) -> int | None:
+        """The 0-based epoch last given to :meth:`set_epoch` (``None`` before)."""
+        epoch = int(self.kd_clock.epoch)
+        return None if epoch < 0 else epoch
+
     def step_update(self, num_updates: int) -> None:
         """Set the optimizer-update count (timm's scheduler vocabulary); stops per-forward counting."""
-        self.num_updates = int(num_updates)
+        self.kd_clock.set_step(num_updates)
         self._steps_reported = True
 
     def update_ema(self, step: int | None = None) -> None:
@@ -646,36 +603,33 @@ class AEKTDistillationTask(TrainingTask):
 
     def set_epoch(self, epoch: int) -> None:
         """Start 0-based ``epoch``; with ``updates_per_epoch`` the update count moves to its first update."""
-        self.epoch = int(epoch)
-        if self.updates_per_epoch is not None:
-            self.num_updates = self.epoch * self.updates_per_epoch
+        self.kd_clock.set_epoch(epoch)
 
     @property
     def kd_warmup(self) -> float:
         """The current warm-up factor ``min(progress / warmup_epochs, 1)`` applied to ``kd_loss``."""
-        if self.warmup_epochs <= 0:
-            return 1.0
-        if self.updates_per_epoch is not None:
-            return warmup_factor(self.num_updates / self.updates_per_epoch, self.warmup_epochs)
-        if self.epoch is None:
+        return float(self._warmup_factor())
+
+    def _warmup_factor(self) -> Tensor:
+        try:
+            return self.kd_clock.factor
+        except RuntimeError:
             raise RuntimeError(
                 "AEKTDistillationTask has no warm-up clock: pass updates_per_epoch=len(loader) (the warm-up "
                 "then follows optimizer updates), call task.set_epoch(epoch) before each epoch, "
                 "or pass warmup_epochs=0"
-            )
-        return warmup_factor(self.epoch + 1, self.warmup_epochs)
+            ) from None
 
-    def _warmup_now(self) -> float:
+    def _warmup_now(self) -> Tensor | float:
         if unwrap_model(self.trainable_module).training:
-            return self.kd_warmup
+            return self._warmup_factor()
         try:  # evaluation: the clock's factor where there is a clock, else the plain loss
-            return self.kd_warmup
+            return self._warmup_factor()
         except RuntimeError:
             return 1.0
 
     def get_task_state(self, module: nn.Module | None = None, ema: bool = False) -> dict[str, Any]:
-        epoch = -1 if self.epoch is None else self.epoch
-        return {"kd_warmup": {"num_updates": self.num_updates, "epoch": epoch}}
+        return {"kd_warmup": self.kd_clock.state_dict()}
 
     def load_task_state(
         self,
@@ -687,8 +641,12 @@ class AEKTDistillationTask(TrainingTask):
         clock = (state or {}).get("kd_warmup")
         if not clock:
             return
-        self.num_updates = int(clock["num_updates"])
-        self.epoch = None if int(clock["epoch"]) < 0 else int(clock["epoch"])
+        if "num_updates" in clock:  # the layout of aekt-plugin 0.1.0
+            clock = {
+                "steps": torch.tensor(float(clock["num_updates"]), dtype=torch.float64),
+                "epoch": torch.tensor(int(clock["epoch"])),
+            }
+        self.kd_clock.load_state_dict(clock, strict=strict)
 
     # --- timm task plumbing ------------------------------------------------------------------------
     def train(self, mode: bool = True) -> AEKTDistillationTask:
@@ -793,12 +751,15 @@ class AEKTDistillationTask(TrainingTask):
 
         with torch.no_grad():
             teacher_logits = self.teacher(self._teacher_input(input).detach())
+        if not self._teacher_checked:  # once: with validate_args=False the loss reads no values
+            warn_if_probabilities("the task's teacher logits", teacher_logits)
+            self._teacher_checked = True
 
         kd_loss = warm * aekt_loss(
             z_kd, teacher_logits, target, validate_args=self.validate_args, **self.loss_kwargs
         )
         if counting:
-            self.num_updates += 1
+            self.kd_clock.step()
         return {
             "loss": self.ce_weight * task_loss + kd_loss,
             "output": z_cls,

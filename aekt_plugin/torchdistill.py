@@ -5,13 +5,18 @@ registers, with torchdistill's own registries:
 
 * mid-level losses (:func:`torchdistill.losses.registry.register_mid_level_loss`)
   ``AEKTLoss`` -- ``T²·(α·min(q_t/p_t, w_max)·TCKD + β·NCKD)`` -- and ``DKDLoss`` --
-  ``T²·(α·TCKD + β·NCKD)`` (SPEC §2), both on the fused, finite kernel of :mod:`aekt_plugin`;
+  ``T²·(α·TCKD + β·NCKD)``, both on the fused, finite kernel of :mod:`aekt_plugin`;
 * a model (:func:`torchdistill.models.registry.register_model`) ``AEKTSerialStudent``, which puts the
-  serial layer ``S`` of SPEC §3 behind any student and exposes the distillation logits ``z_kd`` at the
-  module path ``kd_logits`` (so a forward hook can record them) while the model itself returns the
-  classification logits ``z_cls`` (where the cross-entropy term reads them);
-* a model ``aekt_demo_cnn`` (the small CNNs of :mod:`aekt_plugin.demo.models`), used by the small sample
-  config together with :func:`demo_dataset`.
+  serial layer ``S`` behind any student (:class:`aekt_plugin.serial.SerialStudent`) and exposes the
+  distillation logits ``z_kd`` at the module path ``kd_logits`` (so a forward hook can record them)
+  while the model itself returns the classification logits ``z_cls`` (where the cross-entropy term reads
+  them);
+* the box processes ``aekt_pre_epoch_process`` and ``aekt_post_forward_process``
+  (:func:`~torchdistill.core.interfaces.registry.register_pre_epoch_proc_func`, ...), torchdistill's
+  defaults plus the losses' warm-up clock: it then advances once per optimiser step and is set from the
+  epoch at the start of every epoch, so a resumed run continues its warm-up (select them under
+  ``train:`` or a stage, as the sample configs do). The pre-epoch process also puts the teacher in eval
+  mode, which torchdistill's default leaves in whatever mode it was.
 
 Unlike torchdistill's ``KDLoss``, the losses here contain **no cross-entropy**: ``alpha`` and ``beta`` are
 the TCKD and NCKD weights of DKD, and the cross-entropy is its own ``sub_terms`` entry of a
@@ -44,26 +49,35 @@ the TCKD and NCKD weights of DKD, and the cross-entropy is its own ``sub_terms``
                   beta: 8.0
               weight: 1.0
 
-torchdistill is imported only by this module; ``import aekt_plugin`` does not import it.
+torchdistill is imported only by this module; ``import aekt_plugin`` does not import it. The small
+demo model and data set of the digits sample config are registered by :mod:`aekt_plugin.demo.torchdistill`,
+which that config names under ``dependencies:``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.utils.data
 from torch import Tensor, nn
 
 from . import loss as core
-from ._validation import check_order
-from .functional import DEFAULTS
-from .serial import SerialLayer, split_logits, warmup_factor
+from ._validation import warn_once
+from .defaults import DEFAULTS
+from .serial import KDWarmup, SerialStudent, fold_serial
 
 try:
+    from torchdistill.core.interfaces.post_forward_proc import default_post_forward_process
+    from torchdistill.core.interfaces.pre_epoch_proc import default_pre_epoch_process_with_teacher
+    from torchdistill.core.interfaces.registry import (
+        POST_FORWARD_PROC_FUNC_DICT,
+        PRE_EPOCH_PROC_FUNC_DICT,
+        register_post_forward_proc_func,
+        register_pre_epoch_proc_func,
+    )
     from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss
     from torchdistill.models.registry import MODEL_DICT, get_model, register_model
 except ImportError as err:  # pragma: no cover - exercised only without the extra
@@ -78,7 +92,9 @@ __all__ = [
     "DKDLoss",
     "LOSS_KEYS",
     "MODEL_KEYS",
-    "demo_dataset",
+    "PROCESS_KEYS",
+    "aekt_post_forward_process",
+    "aekt_pre_epoch_process",
     "register",
 ]
 
@@ -169,17 +185,14 @@ class _IOLogitLoss(nn.Module):
         self.teacher_module_io = _check_module_io("teacher_module_io", teacher_module_io)
         self.warmup_steps = _check_warmup_steps(warmup_steps)
         self.criterion = criterion
-        self.num_steps = 0
+        self.warmup = KDWarmup(steps=self.warmup_steps)
+        self.driven_by_box = False  # set by the aekt box processes, which then advance the clock
 
     def extra_repr(self) -> str:
         return (
             f"student={self.student_module_path!r}:{self.student_module_io}, "
             f"teacher={self.teacher_module_path!r}:{self.teacher_module_io}, warmup_steps={self.warmup_steps}"
         )
-
-    def warmup_factor(self) -> float:
-        """``min(steps / warmup_steps, 1)`` (``1`` when ``warmup_steps == 0``), steps counted from 0."""
-        return warmup_factor(self.num_steps, self.warmup_steps)
 
     def forward(
         self,
@@ -205,12 +218,62 @@ class _IOLogitLoss(nn.Module):
             teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io, self._loss_name
         )
         loss = self.criterion(z, v, targets)
-        if self.warmup_steps > 0:
-            factor = self.warmup_factor()
-            if torch.is_grad_enabled() and z.requires_grad:
-                self.num_steps += 1
-            loss = loss * factor
-        return loss
+        if self.warmup_steps == 0:
+            return loss
+        factor = self.warmup.factor
+        if not self.driven_by_box and torch.is_grad_enabled() and z.requires_grad:
+            warn_once(
+                "torchdistill-warmup-clock",
+                f"{self._loss_name}: warmup_steps counts training forward calls, because the box does not "
+                "advance the warm-up; select train.pre_epoch_process: 'aekt_pre_epoch_process' and "
+                "train.post_forward_process: 'aekt_post_forward_process' to count optimiser steps and to "
+                "resume the warm-up with the run",
+            )
+            self.warmup.step()
+        return loss * factor.to(loss.dtype)
+
+
+def _aekt_losses(criterion: object) -> Iterator[_IOLogitLoss]:
+    """The AEKT/DKD losses inside a torchdistill criterion (its ``term_dict`` holds them outside the module
+    tree)."""
+    seen: set[int] = set()
+    stack = [criterion]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, _IOLogitLoss):
+            yield item
+        if isinstance(item, nn.Module):
+            stack.extend(item.children())
+        for entry in getattr(item, "term_dict", {}).values():
+            stack.append(entry[0] if isinstance(entry, tuple) else entry)
+
+
+def aekt_pre_epoch_process(self: Any, epoch: int | None = None, **kwargs: Any) -> None:
+    """torchdistill's pre-epoch process, plus: the teacher goes to eval mode, and the warm-up clock of every
+    AEKT/DKD loss moves to the first optimiser step of ``epoch`` (so a resumed run continues its warm-up)."""
+    default_pre_epoch_process_with_teacher(self, epoch=epoch, **kwargs)
+    teacher = getattr(self, "teacher_model", None)
+    if isinstance(teacher, nn.Module) and not getattr(self, "teacher_updatable", False):
+        teacher.eval()
+    steps_per_epoch = math.ceil(
+        len(self.train_data_loader) / max(int(getattr(self, "grad_accum_step", 1)), 1)
+    )
+    for loss in _aekt_losses(self.criterion):
+        loss.driven_by_box = True
+        loss.warmup.set_step(0 if epoch is None else int(epoch) * steps_per_epoch)
+
+
+def aekt_post_forward_process(self: Any, loss: Tensor, metrics: Any = None, **kwargs: Any) -> None:
+    """torchdistill's post-forward process (backward, optimiser and scheduler steps), plus one tick of the
+    warm-up clock of every AEKT/DKD loss after each optimiser step."""
+    default_post_forward_process(self, loss, metrics=metrics, **kwargs)
+    if self.stage_grad_count % max(int(getattr(self, "grad_accum_step", 1)), 1) == 0:
+        for aekt_loss in _aekt_losses(self.criterion):
+            aekt_loss.driven_by_box = True
+            aekt_loss.warmup.step()
 
 
 class AEKTLoss(_IOLogitLoss):
@@ -237,16 +300,22 @@ class AEKTLoss(_IOLogitLoss):
         student_module_io: ``'input'`` or ``'output'`` of that module.
         teacher_module_path: module path of the teacher's logits.
         teacher_module_io: ``'input'`` or ``'output'`` of that module.
-        temperature: ``T > 0``.
+        temperature: ``T`` in ``[1e-4, 1e4]`` (a number from yaml; from Python also a 0-d tensor, e.g. a
+            learnable ``nn.Parameter``, which then receives ``dL/dT``).
         alpha: ``α >= 0``, scale of the explicit (TCKD) term.
         beta: ``β >= 0``, weight of the implicit (NCKD) term.
         max_weight: ``w_max > 0`` bounding ``q_t/p_t``.
         normalize_weight: divide the weight by its batch mean.
         reduction: ``'mean'`` (alias ``'batchmean'``, as torchdistill's KD configs spell it), ``'sum'`` or
             ``'none'``.
-        warmup_steps: linear warm-up ``min(step/warmup_steps, 1)`` over the first training steps (counted
-            as forward calls with gradients, from 0); ``0`` disables it. torchdistill's ``WeightedSumLoss``
-            weights are constants, so the warm-up lives here.
+        ignore_index: samples whose class index equals it are left out (``-100``, as cross-entropy;
+            ``null``: none); for dense logits such as segmentation, e.g. ``255``.
+        standardize: logit standardization of student and teacher first (Sun et al., CVPR 2024).
+        warmup_steps: linear warm-up ``min(step/warmup_steps, 1)`` over the first optimiser steps, from 0;
+            ``0`` disables it. torchdistill's ``WeightedSumLoss`` weights are constants, so the warm-up
+            lives here; select the box processes ``aekt_pre_epoch_process`` and
+            ``aekt_post_forward_process`` so that it counts optimiser steps and resumes with the run
+            (without them it counts training forward calls, and says so once).
         validate_args: passed to :func:`aekt_plugin.aekt_loss` (``False`` for AMP).
     """
 
@@ -258,12 +327,14 @@ class AEKTLoss(_IOLogitLoss):
         student_module_io: str,
         teacher_module_path: str,
         teacher_module_io: str,
-        temperature: float = DEFAULTS["temperature"],  # type: ignore[assignment]
-        alpha: float = DEFAULTS["alpha"],  # type: ignore[assignment]
-        beta: float = DEFAULTS["beta"],  # type: ignore[assignment]
-        max_weight: float = DEFAULTS["max_weight"],  # type: ignore[assignment]
-        normalize_weight: bool = DEFAULTS["normalize_weight"],  # type: ignore[assignment]
+        temperature: float | Tensor = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        beta: float = DEFAULTS.beta,
+        max_weight: float = DEFAULTS.max_weight,
+        normalize_weight: bool = DEFAULTS.normalize_weight,
         reduction: str = "mean",
+        ignore_index: int | None = -100,
+        standardize: bool = False,
         warmup_steps: int = 0,
         validate_args: bool = True,
     ) -> None:
@@ -274,6 +345,8 @@ class AEKTLoss(_IOLogitLoss):
             max_weight=max_weight,
             normalize_weight=normalize_weight,
             reduction=_check_reduction(reduction),
+            ignore_index=ignore_index,
+            standardize=standardize,
             validate_args=validate_args,
         )
         super().__init__(
@@ -304,10 +377,12 @@ class DKDLoss(_IOLogitLoss):
         student_module_io: str,
         teacher_module_path: str,
         teacher_module_io: str,
-        temperature: float = DEFAULTS["temperature"],  # type: ignore[assignment]
-        alpha: float = DEFAULTS["alpha"],  # type: ignore[assignment]
-        beta: float = DEFAULTS["beta"],  # type: ignore[assignment]
+        temperature: float | Tensor = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        beta: float = DEFAULTS.beta,
         reduction: str = "mean",
+        ignore_index: int | None = -100,
+        standardize: bool = False,
         warmup_steps: int = 0,
         validate_args: bool = True,
     ) -> None:
@@ -316,6 +391,8 @@ class DKDLoss(_IOLogitLoss):
             alpha=alpha,
             beta=beta,
             reduction=_check_reduction(reduction),
+            ignore_index=ignore_index,
+            standardize=standardize,
             validate_args=validate_args,
         )
         super().__init__(
@@ -328,14 +405,14 @@ class DKDLoss(_IOLogitLoss):
         )
 
 
-class AEKTSerialStudent(nn.Module):
-    r"""A student with the serial layer ``S`` of SPEC §3, for torchdistill (registered as
-    ``AEKTSerialStudent``).
+class AEKTSerialStudent(SerialStudent):
+    r"""A student with the serial layer ``S`` (:class:`aekt_plugin.serial.SerialStudent`), for torchdistill
+    (registered as ``AEKTSerialStudent``).
 
-    ``forward(x)`` computes the head logits of ``model``, splits them with :class:`aekt_plugin.SerialLayer`
-    into ``(z_cls, z_kd)``, passes ``z_kd`` through the identity module ``kd_logits`` -- so that
-    ``train.student.forward_hook.output: ['kd_logits']`` records the distillation logits -- and returns
-    ``z_cls``, the classification logits (where the CE term and evaluation read them, path ``'.'``):
+    ``forward(x)`` splits the model's logits into ``(z_cls, z_kd)``, passes ``z_kd`` through the identity
+    module ``kd_logits`` -- so that ``train.student.forward_hook.output: ['kd_logits']`` records the
+    distillation logits -- and returns ``z_cls``, the classification logits (where the CE term and
+    evaluation read them, path ``'.'``):
 
     * ``order='cls_kd'``: ``z_cls = head``, ``z_kd = S(head)``; in eval mode ``S`` is skipped (zero
       inference cost), so ``model`` alone is the deployable network;
@@ -345,8 +422,9 @@ class AEKTSerialStudent(nn.Module):
     Args:
         model: the student (an ``nn.Module`` returning ``(B, C)`` logits), or its torchdistill model config
             ``{key, kwargs, repo_or_dir}`` resolved with :func:`torchdistill.models.registry.get_model`.
-        num_classes: ``C``; read from ``model.num_classes`` when omitted.
-        order: ``'cls_kd'`` or ``'kd_cls'`` (``None`` disables the serial layer: ``z_cls = z_kd``).
+        num_classes: ``C``; read from ``model.num_classes`` or its classifier when omitted.
+        order: ``'cls_kd'``, ``'kd_cls'`` or ``None`` (no serial layer: ``z_cls = z_kd``); default
+            ``DEFAULTS.order``, which the accuracy benchmark chose.
         residual: residual form ``z_kd = z_cls + S·z_cls`` with ``S`` initialised to zero.
 
     Example (yaml)::
@@ -363,100 +441,65 @@ class AEKTSerialStudent(nn.Module):
         self,
         model: nn.Module | Mapping[str, Any],
         num_classes: int | None = None,
-        order: str | None = "cls_kd",
+        order: str | None = DEFAULTS.order,
         residual: bool = False,
     ) -> None:
-        super().__init__()
-        check_order(order)
         if isinstance(model, Mapping):
             if "key" not in model:
                 raise ValueError("model: a model config needs a 'key' naming a torchdistill model")
             model = get_model(model["key"], model.get("repo_or_dir"), **(model.get("kwargs") or {}))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a model config dict, got {type(model).__name__}")
-        if num_classes is None:
-            num_classes = getattr(model, "num_classes", None)
-            if num_classes is None:
-                raise ValueError("num_classes: not given and the model has no num_classes attribute")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        self.model = model
-        self.num_classes = num_classes
-        self.order = order
-        self.serial = None if order is None else SerialLayer(num_classes, order=order, residual=residual)
+        super().__init__(model, order, residual=residual, num_classes=num_classes)
+        self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
         self.kd_logits = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        head = self.model(x)
-        if not isinstance(head, Tensor) or head.dim() < 2 or head.shape[1] != self.num_classes:
-            shape = tuple(head.shape) if isinstance(head, Tensor) else type(head).__name__
-            raise ValueError(
-                f"model must return (B, {self.num_classes}) logits, got {shape}; wrap a model whose forward "
-                f"returns a tuple so that it returns the logits"
-            )
         if not self.training and self.order == "cls_kd":
-            return head
-        z_cls, z_kd = split_logits(head, self.serial)
+            return self.model(x)
+        z_cls, z_kd = self.split(x)
+        expected = self.serial.num_classes if self.serial is not None else self.num_classes
+        if z_cls.dim() < 2 or (expected is not None and z_cls.shape[1] != expected):
+            raise ValueError(
+                f"model must return (B, {expected}) logits, got {tuple(z_cls.shape)}; wrap a model whose "
+                "forward returns a tuple so that it returns the logits"
+            )
         self.kd_logits(z_kd)
         return z_cls
 
-    def deploy_model(self, classifier_path: str = "fc") -> nn.Module:
-        """A copy of the wrapped model alone whose output is ``z_cls``: the serial layer is folded into the
-        classifier at ``classifier_path`` (:meth:`aekt_plugin.SerialLayer.fold`; exact up to rounding for
-        ``'kd_cls'``, the classifier unchanged for ``'cls_kd'``). This wrapper is not modified.
+    def deploy_model(self, classifier_path: str | None = None) -> nn.Module:
+        """A copy of the wrapped model alone whose output is ``z_cls`` (eval mode): the serial layer is
+        folded into the classifier (``docs/derivations.md`` (S1); exact up to rounding for ``'kd_cls'``,
+        the classifier unchanged for ``'cls_kd'``). This wrapper is not modified.
 
         Args:
-            classifier_path: dotted module path of the model's final ``nn.Linear`` (``'fc'`` in
-                torchdistill's CIFAR models and torchvision's ResNets).
+            classifier_path: dotted module path of the model's final ``nn.Linear``; found by
+                :func:`aekt_plugin.serial.find_classifier` when omitted.
         """
-        deployed = copy.deepcopy(self.model).eval()
-        if self.serial is None:
-            return deployed
-        parent_path, _, name = classifier_path.rpartition(".")
-        parent = deployed.get_submodule(parent_path) if parent_path else deployed
-        classifier = getattr(parent, name, None)
+        if classifier_path is None:
+            return self.fold().eval()
+        try:
+            classifier = self.model.get_submodule(classifier_path) if classifier_path else None
+        except AttributeError:
+            classifier = None
         if not isinstance(classifier, nn.Linear):
             raise ValueError(
                 f"classifier_path {classifier_path!r} must name the model's final nn.Linear, got "
                 f"{type(classifier).__name__}"
             )
-        setattr(parent, name, self.serial.fold(classifier))
-        return deployed
-
-
-def demo_dataset(name: str = "digits", split: str = "train", **kwargs: Any) -> torch.utils.data.TensorDataset:
-    """One split of a demo data set (:func:`aekt_plugin.demo.data.load_dataset`) as an in-memory
-    ``TensorDataset`` of ``(image (1, H, W) float in [0, 1], label int64)``, for a torchdistill
-    ``datasets:`` entry (``!import_call`` with ``key: 'aekt_plugin.torchdistill.demo_dataset'``).
-
-    Args:
-        name: ``'digits'`` (scikit-learn, needs the ``demo`` extra), ``'fashion-mnist'`` or ``'fmnist100'``.
-        split: ``'train'``, ``'val'`` or ``'test'``.
-        kwargs: passed to the loader (``seed``, ``n_val``, ``n_test``, ...); use the same values for every
-            split of one run, so the splits do not overlap.
-    """
-    from .demo.data import load_dataset
-
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    splits = load_dataset(name, **kwargs)
-    x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
-    if x.shape[0] == 0:
-        raise ValueError(f"split {split!r} of {name!r} is empty (for 'val' pass n_val > 0)")
-    return torch.utils.data.TensorDataset(x, y)
-
-
-def _demo_cnn(preset: str, num_classes: int, in_chans: int = 1) -> nn.Module:
-    """torchdistill model factory for the demo CNNs (:func:`aekt_plugin.demo.models.make_model`)."""
-    from .demo.models import make_model
-
-    return make_model(preset, in_chans, num_classes)
+        return fold_serial(self.model, self.serial, [classifier_path]).eval()
 
 
 LOSS_KEYS: tuple[str, ...] = ("AEKTLoss", "DKDLoss")
 """Keys under which :func:`register` puts the losses in torchdistill's mid-level loss registry."""
-MODEL_KEYS: tuple[str, ...] = ("AEKTSerialStudent", "aekt_demo_cnn")
+MODEL_KEYS: tuple[str, ...] = ("AEKTSerialStudent",)
 """Keys under which :func:`register` puts the models in torchdistill's model registry."""
+PROCESS_KEYS: tuple[str, ...] = ("aekt_pre_epoch_process", "aekt_post_forward_process")
+"""Keys under which :func:`register` puts the box processes in torchdistill's registries."""
 
 
 def _same_object(a: object, b: object) -> bool:
@@ -484,7 +527,8 @@ def _register_one(registry: dict[str, Any], register: Callable[..., Any], key: s
 
 
 def register() -> None:
-    """Register :data:`LOSS_KEYS` and :data:`MODEL_KEYS` with torchdistill (done on import).
+    """Register :data:`LOSS_KEYS`, :data:`MODEL_KEYS` and :data:`PROCESS_KEYS` with torchdistill (done on
+    import).
 
     Idempotent: torchdistill's ``register_*`` decorators silently overwrite a key, so this checks first
     and re-registers only what is missing or belongs to another object (with a warning when that object
@@ -493,7 +537,18 @@ def register() -> None:
     _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "AEKTLoss", AEKTLoss)
     _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "DKDLoss", DKDLoss)
     _register_one(MODEL_DICT, register_model, "AEKTSerialStudent", AEKTSerialStudent)
-    _register_one(MODEL_DICT, register_model, "aekt_demo_cnn", _demo_cnn)
+    _register_one(
+        PRE_EPOCH_PROC_FUNC_DICT,
+        register_pre_epoch_proc_func,
+        "aekt_pre_epoch_process",
+        aekt_pre_epoch_process,
+    )
+    _register_one(
+        POST_FORWARD_PROC_FUNC_DICT,
+        register_post_forward_proc_func,
+        "aekt_post_forward_process",
+        aekt_post_forward_process,
+    )
 
 
 register()

@@ -223,10 +223,11 @@ def test_cfg_node_has_typed_defaults_from_the_core(md) -> None:
         "WARMUP": ("warmup", int),
         "ORDER": ("order", (str, type(None))),
     }
-    assert set(node.keys()) == set(expected)
+    assert set(node.keys()) == set(expected) | {"STANDARDIZE"}
     for key, (default, kind) in expected.items():
-        assert node[key] == DEFAULTS[default], key
+        assert node[key] == getattr(DEFAULTS, default), key
         assert isinstance(node[key], kind), key
+    assert node.STANDARDIZE is False
     # the types mdistiller users write, as in its own DKD node
     for key in ("CE_WEIGHT", "ALPHA", "BETA", "T", "WARMUP"):
         assert type(node[key]) is type(md.cfg.CFG.DKD[key]), key
@@ -263,7 +264,7 @@ def test_every_shipped_config_merges_into_cfg(md, cfg, name: str) -> None:
     assert cfg.DISTILLER.TYPE == "AEKT" and cfg.LOG.WANDB is False
     temperature, warmup = SPEC_T_WARMUP[dataset]
     assert (cfg.AEKT.T, cfg.AEKT.WARMUP, cfg.AEKT.BETA) == (temperature, warmup, SPEC_BETA.get(name, 8.0))
-    assert cfg.AEKT.MAX_WEIGHT == DEFAULTS["max_weight"] and cfg.AEKT.ORDER == DEFAULTS["order"]
+    assert cfg.AEKT.MAX_WEIGHT == DEFAULTS.max_weight and cfg.AEKT.ORDER == DEFAULTS.order
     models = md.models.imagenet_model_dict if dataset == "imagenet" else md.models.cifar_model_dict
     assert cfg.DISTILLER.TEACHER in models and cfg.DISTILLER.STUDENT in models
     assert cfg.DATASET.TYPE == ("imagenet" if dataset == "imagenet" else "cifar100")

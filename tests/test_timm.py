@@ -19,6 +19,7 @@ from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.task import DistillationTeacher, TrainingTask  # noqa: E402
 
+import aekt_plugin  # noqa: E402
 from aekt_plugin import aekt_loss  # noqa: E402
 from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, create_student  # noqa: E402
 
@@ -240,7 +241,12 @@ def test_create_student_builds_and_wraps():
     student = create_student("resnet10t", order="kd_cls", num_classes=4, in_chans=1, channels=(4, 8, 16, 32))
     assert isinstance(student, AEKTStudent) and isinstance(student.model, timm.models.ResNet)
     assert student.order == "kd_cls" and student.num_classes == 4 and student.in_chans == 1
-    assert AEKTStudent(make_model("resnet")).order == "cls_kd"  # the public signature of SPEC §4
+    # one default everywhere: the wrapper, create_student, torchdistill's student, mdistiller's ORDER
+    assert AEKTStudent(make_model("resnet")).order == aekt_plugin.DEFAULTS.order
+    assert (
+        create_student("resnet10t", num_classes=3, channels=(4, 8, 16, 32)).order
+        == aekt_plugin.DEFAULTS.order
+    )
 
 
 # --- distilled (DeiT) models ---------------------------------------------------------------------------
@@ -282,12 +288,14 @@ def test_relation_matrix_without_serial_layer_says_so():
         AEKTStudent(make_model("resnet"), order=None).relation_matrix()
 
 
-def test_fold_refuses_a_classifier_that_is_not_linear():
+def test_kd_cls_refuses_a_classifier_that_is_not_linear_when_the_wrapper_is_built():
     model = make_model("resnet")
     model.fc = nn.Sequential(nn.Linear(model.num_features, NUM_CLASSES), nn.Tanh())
-    student = AEKTStudent(model, order="kd_cls")
     with pytest.raises(TypeError, match="nn.Linear"):
-        student.fold()
+        AEKTStudent(model, order="kd_cls")
+    conv_head = timm.create_model("dla46_c", num_classes=3, pretrained=False)  # a Conv2d classifier
+    with pytest.raises(TypeError, match="order='cls_kd'"):
+        AEKTStudent(conv_head, order="kd_cls")
     # cls_kd needs no folding: S is simply dropped
     cls_kd = AEKTStudent(model, order="cls_kd").eval()
     x = images("resnet")
@@ -659,3 +667,29 @@ def test_example_script_runs_end_to_end(capsys):
     }
     assert rows["AEKT student, folded"] == rows["AEKT student (kd_cls)"]
     assert all(0.0 <= top1 <= 100.0 for top1 in rows.values())
+
+
+def test_a_compiled_task_does_not_recompile_as_the_warmup_advances():
+    """The warm-up clock is a tensor: compiling the whole task step guards on no Python counter."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    task, _, _ = make_task(order=None, warmup_epochs=1, updates_per_epoch=10, validate_args=False)
+    task.train()
+    counter = CompileCounter()
+    compiled = torch.compile(task, backend=counter)
+    x, y = batch()
+    factors, frames = [], []
+    for step in range(6):
+        frames.append(counter.frame_count)
+        result = compiled(x, y)
+        result["loss"].backward()
+        task.update_ema(step=step + 1)
+        factors.append(
+            float(result["kd_loss"])
+            / float(aekt_plugin.aekt_loss(result["output"].detach(), task.teacher(x), y, **task.loss_kwargs))
+        )
+    # Two one-time switches (the first update_ema, the first teacher check) may compile once each; after
+    # them the steps reuse the compiled code while the warm-up factor keeps rising.
+    assert frames[2] == frames[-1] == counter.frame_count
+    assert factors == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-6)

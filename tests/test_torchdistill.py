@@ -21,6 +21,10 @@ import yaml  # noqa: E402  (torchdistill's dependency)
 from torchdistill.common import yaml_util  # noqa: E402
 from torchdistill.common.main_util import import_dependencies, set_seed  # noqa: E402
 from torchdistill.core.distillation import get_distillation_box  # noqa: E402
+from torchdistill.core.interfaces.registry import (  # noqa: E402
+    POST_FORWARD_PROC_FUNC_DICT,
+    PRE_EPOCH_PROC_FUNC_DICT,
+)
 from torchdistill.losses.registry import (  # noqa: E402
     MIDDLE_LEVEL_LOSS_DICT,
     get_high_level_loss,
@@ -104,9 +108,21 @@ def test_import_registers_losses_and_models_with_torchdistill():
     assert MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] is td.AEKTLoss
     assert MIDDLE_LEVEL_LOSS_DICT["DKDLoss"] is td.DKDLoss
     assert MODEL_DICT["AEKTSerialStudent"] is td.AEKTSerialStudent
-    assert callable(MODEL_DICT["aekt_demo_cnn"])
+    assert PRE_EPOCH_PROC_FUNC_DICT["aekt_pre_epoch_process"] is td.aekt_pre_epoch_process
+    assert POST_FORWARD_PROC_FUNC_DICT["aekt_post_forward_process"] is td.aekt_post_forward_process
     # torchdistill's own losses keep their keys: ours are named apart from its KDLoss
     assert MIDDLE_LEVEL_LOSS_DICT["KDLoss"] is not td.AEKTLoss
+
+
+def test_the_demo_model_is_registered_only_by_the_demo_module():
+    code = (
+        "import torchdistill.models.registry as r, aekt_plugin.torchdistill\n"
+        "assert 'aekt_demo_cnn' not in r.MODEL_DICT\n"
+        "import aekt_plugin.demo.torchdistill\n"
+        "assert callable(r.MODEL_DICT['aekt_demo_cnn'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_registering_twice_is_harmless(caplog):
@@ -205,16 +221,70 @@ def test_input_io_reads_the_hooked_module_input():
     torch.testing.assert_close(value, dkd_loss(z, v, y))
 
 
-def test_warmup_is_linear_from_zero_over_gradient_steps():
+def test_without_the_box_processes_the_warmup_counts_training_forwards_and_says_so(monkeypatch):
+    from aekt_plugin import _validation
+
+    monkeypatch.setattr(_validation, "_WARNED", set())
     z, v, y = _logits(seed=5)
+    z.requires_grad_(True)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
     loss = td.AEKTLoss(".", "output", ".", "output", warmup_steps=4)
     full = aekt_loss(z, v, y).detach()
     with torch.no_grad():  # evaluation passes do not advance the warm-up
         loss(io_s, io_t, y)
-    values = [loss(io_s, io_t, y).detach() for _ in range(6)]
+    with pytest.warns(UserWarning, match="aekt_post_forward_process"):
+        values = [loss(io_s, io_t, y).detach() for _ in range(6)]
     for step, value in enumerate(values):
         torch.testing.assert_close(value, full * min(step / 4, 1.0))
+
+
+class _Box:
+    """The parts of a torchdistill box that the processes touch."""
+
+    def __init__(self, criterion, batches_per_epoch, grad_accum_step=1):
+        self.criterion = criterion
+        self.train_data_loader = range(batches_per_epoch)
+        self.grad_accum_step = grad_accum_step
+        self.teacher_io_dict, self.student_io_dict = {}, {}
+        self.teacher_model, self.student_model = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.teacher_updatable = False
+        self.distributed = False
+        self.stage_grad_count = 0
+        self.max_grad_norm = None
+        self.accelerator = None
+        self.lr_scheduler = None
+        self.scheduling_step = 0
+        self.optimizer = torch.optim.SGD(self.student_model.parameters(), lr=0.0)
+
+
+def test_the_box_processes_count_optimiser_steps_and_resume_from_the_epoch():
+    z, v, y = _logits(seed=6)
+    io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
+    kd = td.DKDLoss(".", "output", ".", "output", warmup_steps=6)
+    criterion = get_high_level_loss(
+        {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}}
+    )
+    box = _Box(criterion, batches_per_epoch=4, grad_accum_step=2)  # 2 optimiser steps per epoch
+    td.aekt_pre_epoch_process(box, epoch=0)
+    assert not box.teacher_model.training  # torchdistill's default leaves the teacher as it was
+    factors = []
+    for _ in range(4):  # one epoch: 4 forward passes, 2 optimiser steps
+        factors.append(float(kd.warmup.factor))
+        out = box.student_model(torch.randn(1, 2)).sum() * 0
+        td.aekt_post_forward_process(box, loss=out)
+    assert factors == pytest.approx([0.0, 0.0, 1 / 6, 1 / 6])
+    resumed = td.DKDLoss(".", "output", ".", "output", warmup_steps=6)
+    fresh_box = _Box(
+        get_high_level_loss(
+            {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": resumed, "weight": 1.0}}}}
+        ),
+        batches_per_epoch=4,
+        grad_accum_step=2,
+    )
+    td.aekt_pre_epoch_process(fresh_box, epoch=2)  # a run resumed at epoch 2
+    assert float(resumed.warmup.factor) == pytest.approx(4 / 6)
+    value = resumed(io_s, io_t, y)
+    torch.testing.assert_close(value, dkd_loss(z, v, y) * (4 / 6))
 
 
 # ------------------------------------------------------------------------------------------ bad configs
@@ -307,7 +377,7 @@ def test_serial_student_returns_z_cls_and_exposes_z_kd_at_kd_logits(order):
     x = torch.randn(3, 4)
     z_cls = student(x)
     head = student.model(x)
-    expected_cls, expected_kd = aekt_plugin.split_logits(head, student.serial)
+    expected_cls, expected_kd = student.serial(head)
     torch.testing.assert_close(z_cls, expected_cls)
     torch.testing.assert_close(recorded["z_kd"], expected_kd)
     assert not torch.allclose(z_cls, recorded["z_kd"])
@@ -364,7 +434,7 @@ def test_serial_student_bad_arguments_name_the_argument(kwargs, error, name):
 
 def test_serial_student_without_num_classes_attribute_asks_for_it():
     with pytest.raises(ValueError, match="num_classes"):
-        td.AEKTSerialStudent(nn.Linear(4, 5))
+        td.AEKTSerialStudent(nn.Sequential(nn.ReLU()), order="cls_kd")
 
 
 def test_serial_student_rejects_a_model_that_returns_a_tuple():
@@ -372,7 +442,7 @@ def test_serial_student_rejects_a_model_that_returns_a_tuple():
         def forward(self, x):
             return x, x
 
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(TypeError, match="logits"):
         td.AEKTSerialStudent(Pair(), num_classes=4)(torch.randn(2, 4))
 
 
