@@ -7,6 +7,11 @@ For KD, DKD and AEKT, on a few shapes and logit scales, it compares
 * the fused gradient with the closed form (G1)–(G2) of ``docs/derivations.md``;
 * the invariants every gradient must satisfy: finite values on extreme logits (``|z| = 1e4``), rows that
   sum to zero (G3), a teacher that receives no gradient;
+* the options against the reference: ``ignore_index`` (some samples ignored), a temperature tensor that
+  requires grad (0-d and one per sample, ``dL/dT`` of (T1) included) and ``standardize``;
+* the ways a loss is run besides eagerly: under autocast (the loss stays float32 and equal to the plain
+  one), under :mod:`torch.func` (``grad``, and ``vmap`` of ``grad`` for per-sample gradients) and under
+  ``torch.compile`` (``--compile-backend``);
 * on CUDA, that a step with ``validate_args=False`` never synchronises with the host;
 
 and prints one table row per check with the error, the tolerance and PASS/FAIL.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import functional, reference
+from .defaults import DEFAULTS
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -108,8 +115,8 @@ def _closed_form(loss: _Loss, student: Tensor, teacher: Tensor, target: Tensor, 
     else:
         weight = reference.aekt_weight(
             parts,
-            max_weight=float(options.get("max_weight", functional.DEFAULTS["max_weight"])),  # type: ignore[arg-type]
-            normalize_weight=bool(options.get("normalize_weight", functional.DEFAULTS["normalize_weight"])),
+            max_weight=float(options.get("max_weight", DEFAULTS.max_weight)),  # type: ignore[arg-type]
+            normalize_weight=bool(options.get("normalize_weight", DEFAULTS.normalize_weight)),
         )
         a, b = float(options.get("alpha", 1.0)) * weight, float(options.get("beta", 8.0))  # type: ignore[arg-type]
     grad = reference.closed_form_grad(student, teacher, target, a, b, temperature=temperature)
@@ -117,9 +124,14 @@ def _closed_form(loss: _Loss, student: Tensor, teacher: Tensor, target: Tensor, 
 
 
 def run_checks(
-    *, device: str | torch.device = "cpu", dtypes: Iterable[str] = tuple(DTYPES), seed: int = 0
+    *,
+    device: str | torch.device = "cpu",
+    dtypes: Iterable[str] = tuple(DTYPES),
+    seed: int = 0,
+    compile_backend: str | None = "aot_eager",
 ) -> list[Check]:
-    """Run the battery and return one :class:`Check` per comparison."""
+    """Run the battery and return one :class:`Check` per comparison (``compile_backend=None`` skips the
+    ``torch.compile`` rows)."""
     device = torch.device(device)
     temperature = 4.0
     checks: list[Check] = []
@@ -132,13 +144,159 @@ def run_checks(
                         _check_one(loss, shape, scale, dtype_name, dtype, device, temperature, seed)
                     )
                 checks.append(_check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed))
+            checks.extend(_check_options(loss, dtype_name, dtype, device, seed))
+            checks.extend(_check_torch_func(loss, dtype_name, dtype, device, seed))
             if device.type == "cuda":
                 checks.append(_check_no_host_sync(loss, dtype_name, dtype, device, temperature, seed))
+    for loss in LOSSES[:3]:
+        checks.extend(_check_autocast(loss, device, seed))
+        if compile_backend is not None:
+            checks.append(_check_compile(loss, device, seed, compile_backend))
     return checks
 
 
+def _derivatives(fn: Callable[..., Tensor], student: Tensor, teacher: Tensor, target: Tensor, **options):
+    """Loss, dL/dz and (for a temperature tensor) dL/dT on fresh leaves, summed over ``"none"`` samples."""
+    student = student.detach().requires_grad_(True)
+    leaves = [student]
+    temperature = options.get("temperature")
+    if isinstance(temperature, Tensor):
+        options["temperature"] = temperature = temperature.detach().requires_grad_(True)
+        leaves.append(temperature)
+    loss = fn(student, teacher, target, **options)
+    return (loss.detach(), *torch.autograd.grad(loss.sum(), leaves))
+
+
+def _compare(
+    loss: _Loss, dtype_name: str, shape: tuple[int, ...], what: str, actual: tuple, expected: tuple, dtype
+) -> list[Check]:
+    names = ("loss", "grad", "dL/dT")
+    return [
+        Check(
+            loss.name,
+            dtype_name,
+            shape,
+            f"{what}: {name}",
+            _relative_error(a, e),
+            LOSS_RTOL[dtype] if name == "loss" else GRAD_RTOL[dtype],
+        )
+        for name, a, e in zip(names, actual, expected, strict=False)
+    ]
+
+
+def _check_options(
+    loss: _Loss, dtype_name: str, dtype: torch.dtype, device: torch.device, seed: int
+) -> list[Check]:
+    """``ignore_index``, temperature tensors and ``standardize`` against the float64 reference."""
+    if loss.scales != SCALES:  # the unbounded AEKT variant adds nothing here
+        return []
+    shape = (16, 10)
+    student, teacher, target = _inputs(shape, 3.0, dtype, device, seed + 1)
+    ignored = target.clone()
+    ignored[::3] = -100
+    temperatures = {
+        "a learnable temperature (0-d tensor)": torch.tensor(2.5, dtype=torch.float64, device=device),
+        "per-sample temperatures": torch.linspace(1.0, 6.0, shape[0], dtype=torch.float64, device=device),
+    }
+    cases: list[tuple[str, Tensor, dict[str, object]]] = [
+        ("ignore_index: every third sample ignored", ignored, {"temperature": 4.0}),
+        ("standardize", target, {"temperature": 4.0, "standardize": True}),
+    ]
+    cases += [(what, target, {"temperature": t}) for what, t in temperatures.items()]
+    checks = []
+    for what, classes, extra in cases:
+        options = dict(loss.options, **extra, reduction="sum")
+        temperature = options.get("temperature")
+        fused_options = dict(options)
+        if isinstance(temperature, Tensor) and dtype != torch.float64:
+            fused_options["temperature"] = temperature.float()
+        actual = _derivatives(loss.fused, student, teacher, classes, **fused_options)
+        expected = _derivatives(loss.reference, student.double(), teacher.double(), classes, **options)
+        checks += _compare(loss, dtype_name, shape, what, actual, expected, dtype)
+    return checks
+
+
+def _check_torch_func(
+    loss: _Loss, dtype_name: str, dtype: torch.dtype, device: torch.device, seed: int
+) -> list[Check]:
+    """``torch.func.grad`` of the loss, and ``vmap(grad(...))`` per-sample gradients, against autograd."""
+    shape = (8, 10)
+    student, teacher, target = _inputs(shape, 3.0, dtype, device, seed + 2)
+    options = dict(loss.options, validate_args=False)
+    grad = torch.func.grad(lambda z: loss.fused(z, teacher, target, **options))(student)
+    _, expected = _derivatives(loss.fused, student, teacher, target, **options)
+    per_sample = torch.func.vmap(
+        torch.func.grad(lambda z, v, y: loss.fused(z[None], v[None], y[None], **options))
+    )(student, teacher, target)
+    one_by_one = torch.stack(
+        [
+            _derivatives(
+                loss.reference,
+                student[i : i + 1].double(),
+                teacher[i : i + 1].double(),
+                target[i : i + 1],
+                **loss.options,
+            )[1][0]
+            for i in range(shape[0])
+        ]
+    )
+    return [
+        Check(
+            loss.name,
+            dtype_name,
+            shape,
+            "torch.func.grad vs autograd",
+            _relative_error(grad, expected),
+            0.0 if dtype == torch.float64 else GRAD_RTOL[dtype],
+        ),
+        Check(
+            loss.name,
+            dtype_name,
+            shape,
+            "vmap(grad) per-sample vs reference",
+            _relative_error(per_sample, one_by_one),
+            GRAD_RTOL[dtype],
+        ),
+    ]
+
+
+_AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.float16, torch.bfloat16)}
+
+
+def _check_autocast(loss: _Loss, device: torch.device, seed: int) -> list[Check]:
+    """Under autocast the loss is float32 and equals the plain loss; the gradient keeps the logits' dtype."""
+    shape = (64, 100)
+    student, teacher, target = _inputs(shape, 3.0, torch.float32, device, seed + 3)
+    plain, plain_grad = _derivatives(loss.fused, student, teacher, target, **loss.options)
+    checks = []
+    for dtype in _AUTOCAST_DTYPES.get(device.type, ()):
+        name = str(dtype).replace("torch.", "")
+        with torch.autocast(device.type, dtype=dtype):
+            value, grad = _derivatives(loss.fused, student, teacher, target, **loss.options)
+        kept = value.dtype == torch.float32 and grad.dtype == student.dtype
+        error = max(_relative_error(value, plain), _relative_error(grad, plain_grad)) if kept else math.inf
+        checks.append(
+            Check(loss.name, "float32", shape, f"under autocast({name}): float32, unchanged", error, 1e-6)
+        )
+    return checks
+
+
+def _check_compile(loss: _Loss, device: torch.device, seed: int, backend: str) -> Check:
+    """A function compiled with ``backend`` gives the eager loss and gradient."""
+    shape = (16, 10)
+    student, teacher, target = _inputs(shape, 3.0, torch.float32, device, seed + 4)
+    options = dict(loss.options, validate_args=False, temperature=2.7)
+    expected = _derivatives(loss.fused, student, teacher, target, **options)
+    compiled = torch.compile(lambda z: loss.fused(z, teacher, target, **options), backend=backend)
+    z = student.detach().requires_grad_(True)
+    value = compiled(z)
+    (grad,) = torch.autograd.grad(value, z)
+    error = max(_relative_error(value.detach(), expected[0]), _relative_error(grad, expected[1]))
+    return Check(loss.name, "float32", shape, f"torch.compile(backend={backend!r}) vs eager", error, 1e-5)
+
+
 def _check_no_host_sync(loss, dtype_name, dtype, device, temperature, seed) -> Check:
-    """With ``validate_args=False`` a CUDA step must not synchronise with the host (SPEC §4)."""
+    """With ``validate_args=False`` a CUDA step must not synchronise with the host."""
     shape = (64, 100)
     student, teacher, target = _inputs(shape, 1.0, dtype, device, seed)
     student.requires_grad_(True)
@@ -218,9 +376,11 @@ def _check_extreme(loss, shape, dtype_name, dtype, device, temperature, seed) ->
     options = dict(loss.options)
     if options.get("max_weight") == math.inf:
         options["max_weight"] = 10.0  # an unbounded ratio weight is allowed to be inf there, by design
-    fused_loss, fused_grad = _loss_and_grad(
-        loss.fused, student, teacher, target, temperature=temperature, **options
-    )
+    with warnings.catch_warnings():  # the teacher requires grad here on purpose: it must get none
+        warnings.simplefilter("ignore", UserWarning)
+        fused_loss, fused_grad = _loss_and_grad(
+            loss.fused, student, teacher, target, temperature=temperature, **options
+        )
     finite = bool(
         torch.isfinite(fused_loss).all() and torch.isfinite(fused_grad).all() and teacher.grad is None
     )
@@ -258,6 +418,12 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="dtype to check; repeat for several (default: all four)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random logits (default 0)")
+    parser.add_argument(
+        "--compile-backend",
+        default="aot_eager",
+        help="torch.compile backend of the compile rows: aot_eager (default, quick), inductor (compiles "
+        "kernels, slower), or none to skip them",
+    )
     parser.add_argument("--failures-only", action="store_true", help="print only the failing rows")
     return parser
 
@@ -267,7 +433,10 @@ def run_check(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("aekt check: --device cuda requested but torch.cuda.is_available() is False")
-    checks = run_checks(device=device, dtypes=args.dtypes or tuple(DTYPES), seed=args.seed)
+    backend = None if args.compile_backend == "none" else args.compile_backend
+    checks = run_checks(
+        device=device, dtypes=args.dtypes or tuple(DTYPES), seed=args.seed, compile_backend=backend
+    )
     shown = [c for c in checks if not c.passed] if args.failures_only else checks
     print(f"aekt check on {device} (torch {torch.__version__})")
     print(format_table(shown) if shown else f"{len(checks)} passed, 0 failed")

@@ -1,10 +1,11 @@
 """The ``aekt`` command line (also ``python -m aekt_plugin``): a thin dispatcher.
 
 * ``aekt demo``  — train a teacher, distil a student with CE, KD, DKD and AEKT, print the table;
-* ``aekt check`` — the gradient-equivalence battery on your device and dtypes (exit 1 on failure);
-* ``aekt bench`` — the loss-kernel benchmark (SPEC §5).
+* ``aekt check`` — the gradient-equivalence checks on your device and dtypes (exit 1 on failure);
+* ``aekt bench`` — the loss-kernel benchmark (time, ratios and saved bytes against plain KD).
 
-Each subcommand's module is imported only when it runs.
+A subcommand's module is imported only when that subcommand runs (or shows its ``--help``): ``aekt check``
+needs torch alone, ``aekt demo`` its optional packages.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ _COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported to add its options."""
     parser = argparse.ArgumentParser(
         prog="aekt", description="AEKT knowledge distillation: demo, gradient checks and kernel benchmark."
     )
@@ -46,12 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,check,bench}")
     for name, (module, add_arguments, _, help_text) in _COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        getattr(importlib.import_module(module), add_arguments)(sub)
+        if name == command:
+            getattr(importlib.import_module(module), add_arguments)(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import sys
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in arguments if not a.startswith("-")), None)
+    args = build_parser(command if command in _COMMANDS else None).parse_args(arguments)
     module, _, run, _ = _COMMANDS[args.command]
     status = getattr(importlib.import_module(module), run)(args)
     return status if isinstance(status, int) else 0

@@ -44,7 +44,6 @@ import logging
 import os
 import runpy
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,7 +53,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import DEFAULTS, AEKTLoss, DKDLoss, SerialLayer, configs
-from ._validation import check_bool, check_non_negative, check_order, check_positive, warn_if_probabilities
+from ._validation import (
+    check_bool,
+    check_non_negative,
+    check_order,
+    check_positive,
+    warn_if_probabilities,
+    warn_once,
+)
 from .serial import KDWarmup, find_classifier
 
 __all__ = [
@@ -376,12 +382,11 @@ class _LogitDistiller:
     def _warmup_factor(self, epoch: object) -> Tensor | float:
         if epoch is None:
             if self.warmup > 0:
-                warnings.warn(
+                warn_once(
+                    f"mdistiller-no-epoch:{self.cfg_node}",
                     f"{self.cfg_node}: the trainer passes no epoch (mdistiller's CRD trainers), so the "
                     f"{self.cfg_node}.WARMUP of {self.warmup:g} epochs is not applied: loss_kd has full "
                     f"weight from the first step. Set {self.cfg_node}.WARMUP: 0 to silence this warning.",
-                    UserWarning,
-                    stacklevel=3,
                 )
             return 1.0
         self.kd_warmup.set_epoch(int(epoch) - 1)  # mdistiller counts epochs from 1: min(epoch / WARMUP, 1)
@@ -529,8 +534,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mdistiller-root",
         default=None,
-        help="the mdistiller git checkout (default: $MDISTILLER_ROOT, else the checkout the importable "
-        "mdistiller package lives in)",
+        help="the mdistiller git checkout (default: $MDISTILLER_ROOT, else the checkout the current "
+        "directory is in, else the one the importable mdistiller package lives in)",
     )
     parser.add_argument("--list", action="store_true", help="list the shipped AEKT configs and exit")
     parser.add_argument(
@@ -553,21 +558,36 @@ def _describe_config(name: str) -> str:
     return f"{pair}, T={node.get('T')}, BETA={node.get('BETA')}"
 
 
+def _checkout_above(directory: Path) -> Path | None:
+    """The mdistiller checkout that contains ``directory`` (or is it), if any."""
+    for candidate in (directory, *directory.parents):
+        if (candidate / "mdistiller" / "__init__.py").is_file() and (
+            candidate / "tools" / "train.py"
+        ).is_file():
+            return candidate
+    return None
+
+
 def _find_root(option: str | None) -> Path:
+    """The mdistiller checkout: ``--mdistiller-root``, else ``$MDISTILLER_ROOT``, else the checkout the
+    current directory is in, else the one the importable ``mdistiller`` package lives in."""
+    here = _checkout_above(Path.cwd().resolve())
     if option:
         root, source = Path(option).expanduser(), "--mdistiller-root"
     elif os.environ.get("MDISTILLER_ROOT"):
         root, source = Path(os.environ["MDISTILLER_ROOT"]).expanduser(), "$MDISTILLER_ROOT"
+    elif here is not None:
+        root, source = here, "the current directory"
     else:
         spec = importlib.util.find_spec("mdistiller")
         # A directory named mdistiller without __init__.py (e.g. the checkout itself, seen from its
         # parent directory) is a namespace package with no origin: not the package.
         if spec is None or spec.origin is None or not spec.submodule_search_locations:
             raise _UsageError(
-                "cannot find an mdistiller checkout: mdistiller is not importable and neither "
-                "--mdistiller-root nor $MDISTILLER_ROOT is set. Fix: git clone "
-                "https://github.com/megvii-research/mdistiller, then pass --mdistiller-root PATH (or set "
-                "MDISTILLER_ROOT=PATH, or run `pip install -e .` in the checkout)."
+                "cannot find an mdistiller checkout: the current directory is not inside one, mdistiller is "
+                "not importable, and neither --mdistiller-root nor $MDISTILLER_ROOT is set. Fix: git clone "
+                "https://github.com/megvii-research/mdistiller and run aekt-mdistiller from inside the "
+                "checkout, or pass --mdistiller-root PATH (or set MDISTILLER_ROOT=PATH)."
             )
         root, source = Path(spec.origin).parent.parent, "the importable mdistiller"
     root = root.resolve()

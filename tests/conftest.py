@@ -43,3 +43,11 @@ def tiny_demo(tmp_path, monkeypatch):
         monkeypatch.setitem(SETTINGS, name, tiny)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return SETTINGS
+
+
+@pytest.fixture(autouse=True)
+def _one_time_warnings_start_fresh(monkeypatch):
+    """The package's one-time warnings (``_validation.warn_once``) fire again in every test."""
+    from aekt_plugin import _validation
+
+    monkeypatch.setattr(_validation, "_WARNED", set())

@@ -40,6 +40,39 @@ def test_check_passes_on_cpu_float32(capsys):
     assert cli.main(["check", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "0 failed" in out and "FAIL" not in out
+    for row in (
+        "ignore_index",
+        "standardize",
+        "learnable temperature (0-d tensor): dL/dT",
+        "per-sample temperatures: dL/dT",
+        "under autocast(bfloat16)",
+        "torch.func.grad",
+        "vmap(grad) per-sample",
+        "torch.compile(backend='aot_eager')",
+    ):
+        assert row in out, row
+
+
+def test_check_needs_neither_numpy_nor_the_demo_packages():
+    """torch runs without numpy; so does `aekt check` (the CLI imports only the subcommand it runs)."""
+    code = (
+        "import sys, importlib.abc, importlib.machinery\n"
+        "class Missing(importlib.abc.Loader):  # as if the package were not installed\n"
+        "    def create_module(self, spec):\n"
+        "        raise ModuleNotFoundError(f'No module named {spec.name!r}', name=spec.name)\n"
+        "    def exec_module(self, module):\n"
+        "        pass\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('numpy', 'sklearn', 'matplotlib', 'tqdm'):\n"
+        "            return importlib.machinery.ModuleSpec(name, Missing())\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from aekt_plugin import cli\n"
+        "sys.exit(cli.main(['check', '--dtype', 'float32', '--compile-backend', 'none']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "0 failed" in done.stdout
 
 
 def test_check_fails_with_exit_status_1_when_the_kernel_is_wrong(monkeypatch, capsys):

@@ -679,6 +679,16 @@ def test_console_script_takes_the_root_from_the_environment_and_cfg_paths_from_t
     assert report["cfg"] == str((checkout / "configs" / "mine.yaml").resolve())
 
 
+def test_console_script_finds_the_checkout_it_is_run_from(
+    md, checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cd mdistiller && aekt-mdistiller --cfg ...``: no option, no environment variable needed."""
+    monkeypatch.chdir(checkout / "tools")  # anywhere inside the checkout
+    assert am.main(["--cfg", "cifar100/res56_res20"]) == 0
+    report = json.loads((checkout.parent / "report.json").read_text())
+    assert report["argv0"] == str(checkout.resolve() / "tools" / "train.py")
+
+
 def test_console_script_errors_say_the_fix(md, checkout: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert am.main(["--mdistiller-root", str(checkout), "--cfg", "cifar100/nope"]) == 2
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from strategies import LOSS_NAMES
 
 import aekt_plugin
-from aekt_plugin import _validation, reference
+from aekt_plugin import reference
 
 
 def _inputs(batch=16, classes=10, dtype=torch.float32, seed=0):
@@ -30,11 +30,6 @@ def _loss_and_grad(fn, student, *args, **kwargs):
     loss = fn(student, *args, **kwargs)
     (grad,) = torch.autograd.grad(loss.sum(), student)
     return loss.detach(), grad
-
-
-@pytest.fixture(autouse=True)
-def _fresh_one_time_warnings(monkeypatch):
-    monkeypatch.setattr(_validation, "_WARNED", set())
 
 
 # --- torch.compile ------------------------------------------------------------------------------------

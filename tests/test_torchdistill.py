@@ -221,10 +221,7 @@ def test_input_io_reads_the_hooked_module_input():
     torch.testing.assert_close(value, dkd_loss(z, v, y))
 
 
-def test_without_the_box_processes_the_warmup_counts_training_forwards_and_says_so(monkeypatch):
-    from aekt_plugin import _validation
-
-    monkeypatch.setattr(_validation, "_WARNED", set())
+def test_without_the_box_processes_the_warmup_counts_training_forwards_and_says_so():
     z, v, y = _logits(seed=5)
     z.requires_grad_(True)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ._deps import require
 from .protocol import SETTINGS, Prepared, Setting, prepare
 from .report import format_table, plot_results, read_results, write_results
 from .train import BatchFn, MethodConfig, train_student
@@ -241,6 +242,11 @@ def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    # Optional packages are checked before any training, not when the results are written.
+    if not args.no_progress:
+        require("tqdm")
+    if args.out is not None:
+        require("matplotlib")
     torch.set_num_threads(args.threads)
     setting: Setting = SETTINGS[args.dataset]
     if args.epochs is not None:
