@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aekt-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench check dist clean
+.PHONY: setup test quick demo bench check dist clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+quick: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/aekt demo

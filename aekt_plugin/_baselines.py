@@ -1,7 +1,7 @@
 """Baseline distillation losses, written the way the toolkits write them.
 
 These are *not* the package's losses. They are the two reference points of the kernel benchmark
-(``aekt bench``, SPEC §5) and independent oracles for the core's tests:
+(``aekt bench``) and independent oracles for the core's tests:
 
 - :func:`kd_plain` is Hinton's KD exactly as timm's ``LogitDistillationTask`` computes it;
 - :func:`dkd_mdistiller` is decoupled KD (Zhao et al., CVPR 2022) following the *algorithm* of
@@ -10,7 +10,7 @@ These are *not* the package's losses. They are the two reference points of the k
   the non-target softmax. It is re-implemented here from that description (no code is copied) so that
   the benchmark measures the cost of that algorithm and the tests can compare against it.
 
-Notation (SPEC §2): student logits ``z``, teacher logits ``v``, target ``t``, temperature ``T``,
+Notation (``docs/derivations.md`` §1): student logits ``z``, teacher logits ``v``, target ``t``, temperature ``T``,
 ``p = softmax(z/T)``, ``q = softmax(v/T)``, ``b^S = [p_t, 1-p_t]``, ``b^T = [q_t, 1-q_t]``,
 ``p̂ = p_{j≠t}/(1-p_t)``, ``q̂ = q_{j≠t}/(1-q_t)``.
 
@@ -43,7 +43,7 @@ def kd_plain(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
         temperature: ``T > 0``.
 
     Returns:
-        A scalar tensor. Equals ``T²·(TCKD + (1 - q_t)·NCKD)`` averaged over the batch (SPEC §2).
+        A scalar tensor. Equals ``T²·(TCKD + (1 - q_t)·NCKD)`` averaged over the batch (derivations, eq. (7)).
     """
     log_p = F.log_softmax(student / temperature, dim=-1)
     log_q = F.log_softmax(teacher / temperature, dim=-1)

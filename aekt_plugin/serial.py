@@ -167,8 +167,8 @@ def find_classifier(model: nn.Module) -> list[str]:
     """Dotted paths of the ``nn.Linear`` layer(s) that produce ``model``'s logits.
 
     Looks at ``model.get_classifier()`` (timm's models; a tuple of heads that the model averages, as in
-    DeiT-distilled, gives one path per head), else at the attributes ``fc``, ``classifier``, ``linear`` and
-    ``head``. Each may be an ``nn.Linear``, an ``nn.Sequential`` ending in one, or a head whose ``fc`` is
+    DeiT-distilled, gives one path per head), else at the last layer of an ``nn.Sequential``, else at the
+    attributes ``fc``, ``classifier``, ``linear`` and ``head``. Each may be an ``nn.Linear``, an ``nn.Sequential`` ending in one, or a head whose ``fc`` is
     one.
 
     Raises:
@@ -178,13 +178,14 @@ def find_classifier(model: nn.Module) -> list[str]:
         found = model.get_classifier()
         parts = list(found) if isinstance(found, (tuple, list)) else [found]
         where = f"{type(model).__name__}.get_classifier()"
+    elif isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
+        return [str(len(model) - 1)]
     else:
         parts = [
             getattr(model, name)
             for name in _CLASSIFIER_NAMES
             if isinstance(getattr(model, name, None), nn.Module)
-        ]
-        parts = parts[:1]
+        ][:1]
         where = f"{type(model).__name__}'s {'/'.join(_CLASSIFIER_NAMES)} attribute"
     linears = [_linear_of(part) for part in parts]
     if not linears or any(linear is None for linear in linears):

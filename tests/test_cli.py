@@ -11,6 +11,7 @@ import torch
 from aekt_plugin import check, cli
 
 
+@pytest.mark.slow
 def test_import_needs_torch_alone():
     code = (
         "import sys, aekt_plugin, aekt_plugin.reference, aekt_plugin.cli;"
@@ -21,6 +22,7 @@ def test_import_needs_torch_alone():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_python_dash_m_prints_help_and_version():
     out = subprocess.run(
         [sys.executable, "-m", "aekt_plugin", "--version"], check=True, capture_output=True, text=True
@@ -36,6 +38,7 @@ def test_python_dash_m_prints_help_and_version():
         assert "usage: aekt " + command in out.stdout
 
 
+@pytest.mark.slow
 def test_check_passes_on_cpu_float32(capsys):
     assert cli.main(["check", "--dtype", "float32", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
@@ -53,6 +56,7 @@ def test_check_passes_on_cpu_float32(capsys):
         assert row in out, row
 
 
+@pytest.mark.slow
 def test_check_needs_neither_numpy_nor_the_demo_packages():
     """torch runs without numpy; so does `aekt check` (the CLI imports only the subcommand it runs)."""
     code = (
@@ -75,6 +79,7 @@ def test_check_needs_neither_numpy_nor_the_demo_packages():
     assert "0 failed" in done.stdout
 
 
+@pytest.mark.slow
 def test_check_fails_with_exit_status_1_when_the_kernel_is_wrong(monkeypatch, capsys):
     broken = [
         check._Loss(

@@ -226,6 +226,7 @@ def test_collapsed_runs_are_counted_not_averaged() -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_tiny_demo_writes_schema_conforming_results(tmp_path: Path, tiny_demo, capsys) -> None:
     from aekt_plugin.demo import run_demo
 
@@ -271,6 +272,7 @@ def test_the_default_demo_shows_what_distillation_does(capsys) -> None:
     assert "KD − CE" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_missing_plotting_package_is_reported_before_any_training(tmp_path: Path) -> None:
     import subprocess
     import sys

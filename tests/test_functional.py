@@ -531,6 +531,7 @@ def test_loss_modules_store_options_and_match_functions():
     assert "max_weight=3.0" in repr(module)
 
 
+@pytest.mark.slow
 def test_works_inside_a_compiled_training_step():
     """A torch.compile'd step (graph break at the custom function allowed) gives the eager gradients."""
     torch.manual_seed(0)

@@ -71,6 +71,7 @@ def _run_fresh(backends: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_compile_works_on_the_first_call_of_a_fresh_process():
     assert _run_fresh("eager,aot_eager").split() == ["eager", "ok", "aot_eager", "ok"]
 

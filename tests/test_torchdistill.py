@@ -99,6 +99,7 @@ def _logits(batch: int = 16, classes: int = 10, seed: int = 0):
 # --------------------------------------------------------------------------------------------- registry
 
 
+@pytest.mark.slow
 def test_import_aekt_plugin_does_not_import_torchdistill():
     code = "import sys, aekt_plugin; assert 'torchdistill' not in sys.modules, 'torchdistill imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -114,6 +115,7 @@ def test_import_registers_losses_and_models_with_torchdistill():
     assert MIDDLE_LEVEL_LOSS_DICT["KDLoss"] is not td.AEKTLoss
 
 
+@pytest.mark.slow
 def test_the_demo_model_is_registered_only_by_the_demo_module():
     code = (
         "import torchdistill.models.registry as r, aekt_plugin.torchdistill\n"
@@ -148,6 +150,7 @@ def test_foreign_registration_under_our_key_is_replaced_with_a_warning(caplog):
     assert "AEKTLoss" in caplog.text and "Impostor" in caplog.text
 
 
+@pytest.mark.slow
 def test_importing_twice_in_a_fresh_interpreter_keeps_one_registration():
     code = (
         "import importlib, torchdistill.losses.registry as r\n"
@@ -496,6 +499,7 @@ def test_cifar100_config_builds_and_takes_a_step_through_the_distillation_box(na
 # ------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_digits_config_runs_end_to_end_through_get_distillation_box():
     pytest.importorskip("sklearn")
     set_seed(0)

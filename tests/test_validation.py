@@ -1,4 +1,4 @@
-"""Every bad input of SPEC §7 raises ValueError/TypeError naming the argument."""
+"""Every bad input raises ValueError/TypeError naming the argument."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ __all__ = ["add_demo_arguments", "main_methods", "package_defaults", "run_demo",
 
 _logger = logging.getLogger(__name__)
 
-# Protocol settings of the decoupled losses on these small problems (SPEC §6): β = 2, as for mdistiller's
+# Protocol settings of the decoupled losses on these small problems: β = 2, as for mdistiller's
 # res56→res20 pair; β = 8 (the CIFAR-100 default) can kill a small student in its first steps.
 SMALL_PROBLEM_BETA = 2.0
 
