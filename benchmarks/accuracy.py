@@ -60,8 +60,16 @@ TABLES = {  # --table -> (file stem, title)
     "digits100": ("digits100", "digits-100"),
     "fashion-mnist": ("fmnist10", "Fashion-MNIST (10 classes)"),
     "digits": ("digits", "digits"),
-    "paperlike-cnn": ("paperlike_cnn", "Paper-like protocol, plain CNN student"),
-    "paperlike-mobile": ("paperlike_mobile", "Paper-like protocol, MobileNet-style student"),
+    "paperlike-digits100-cnn": ("paperlike_digits100_cnn", "Paper-like digits-100, plain CNN student"),
+    "paperlike-digits100-mobile": (
+        "paperlike_digits100_mobile",
+        "Paper-like digits-100, MobileNet-style student",
+    ),
+    "paperlike-fmnist100-cnn": ("paperlike_fmnist100_cnn", "Paper-like Fashion-MNIST-100, plain CNN student"),
+    "paperlike-fmnist100-mobile": (
+        "paperlike_fmnist100_mobile",
+        "Paper-like Fashion-MNIST-100, MobileNet-style student",
+    ),
 }
 MAIN = ("CE", "KD", "DKD", "AEKT")
 
@@ -437,7 +445,8 @@ def write_confirm_report(json_path: Path, stem: str, title: str) -> str:
 def _prepare(table: str, progress: bool) -> tuple[Any, Any]:
     """The prepared protocol of ``table`` and its per-seed batch source (``None``: fixed batches)."""
     if table.startswith("paperlike-"):
-        prepared = prepare_paperlike(table.split("-", 1)[1], progress=progress)
+        _, dataset, family = table.split("-")
+        prepared = prepare_paperlike(dataset, family, progress=progress)
         return prepared, prepared.batches
     return prepare(SETTINGS[table], progress=progress), None
 

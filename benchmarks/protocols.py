@@ -211,6 +211,17 @@ register_model(
     "paperlike-cnn", lambda in_chans, num_classes: SmallCNN(in_chans, num_classes, (16, 32, 64), (2, 4))
 )
 register_model("paperlike-mobile", lambda in_chans, num_classes: MobileCNN(in_chans, num_classes))
+register_model(
+    "paperlike-digits-teacher",
+    lambda in_chans, num_classes: SmallCNN(in_chans, num_classes, (32, 64), (2, 4)),
+)
+register_model(
+    "paperlike-digits-cnn", lambda in_chans, num_classes: SmallCNN(in_chans, num_classes, (8, 16), (2, 4))
+)
+register_model(
+    "paperlike-digits-mobile",
+    lambda in_chans, num_classes: MobileCNN(in_chans, num_classes, widths=(8, 16, 32, 32), pool=(2, 4)),
+)
 
 
 # --------------------------------------------------------------------------------------------- the protocol
@@ -232,6 +243,7 @@ def downsample(data: Splits, factor: int) -> Splits:
 class PaperlikeSetting:
     """Everything of the paper-like protocol but the loss: data, augmentation, teacher, student families."""
 
+    dataset: str = "fmnist100"
     data: dict[str, Any] = field(
         default_factory=lambda: {"n_train": 10_000, "n_val": 2_000, "n_test": 10_000, "seed": 0}
     )
@@ -249,10 +261,11 @@ class PaperlikeSetting:
     def setting(self, family: str) -> Setting:
         if family not in self.students:
             raise ValueError(f"family must be one of {sorted(self.students)}, got {family!r}")
-        return Setting("fmnist100", dict(self.data), self.teacher, self.students[family])
+        return Setting(self.dataset, dict(self.data), self.teacher, self.students[family])
 
     def describe(self) -> dict[str, Any]:
         return {
+            "dataset": self.dataset,
             "downsample": self.downsample,
             "augment": {"pad": self.augment.pad, "flip": self.augment.flip},
             "views": self.views,
@@ -261,12 +274,35 @@ class PaperlikeSetting:
         }
 
 
-PAPERLIKE = PaperlikeSetting()
+PAPERLIKE = {
+    # Fashion-MNIST-100 at 14×28 with per-half shifts and flips; a wide teacher trained 80 epochs.
+    "fmnist100": PaperlikeSetting(),
+    # Digits-100 (8×16): per-half shifts by one pixel (no flips: a flipped digit is another digit), the
+    # teacher trained with the same augmentation, students over 30 epochs.
+    "digits100": PaperlikeSetting(
+        dataset="digits100",
+        data={"n_train": 2_500, "n_val": 2_000, "n_test": 4_000, "seed": 0},
+        downsample=1,
+        augment=PairAugment(pad=1, flip=False),
+        views=16,
+        teacher=TrainConfig(
+            model="paperlike-digits-teacher", epochs=40, batch_size=64, lr=0.05, warmup_epochs=0
+        ),
+        students={
+            "cnn": TrainConfig(
+                model="paperlike-digits-cnn", epochs=30, batch_size=128, lr=0.05, warmup_epochs=1
+            ),
+            "mobile": TrainConfig(
+                model="paperlike-digits-mobile", epochs=30, batch_size=128, lr=0.05, warmup_epochs=1
+            ),
+        },
+    ),
+}
 
 
 @dataclass
 class PreparedPaperlike(Prepared):
-    paperlike: PaperlikeSetting = PAPERLIKE
+    paperlike: PaperlikeSetting = field(default_factory=PaperlikeSetting)
     views: TeacherViews | None = None
 
     def batches(self, seed: int) -> BatchFn:
@@ -280,12 +316,11 @@ def _views_path(teacher_key: str, setting: PaperlikeSetting) -> os.PathLike[str]
     return cache_dir() / "teacher-views" / f"{digest}.pt"
 
 
-def prepare_paperlike(
-    family: str, setting: PaperlikeSetting = PAPERLIKE, *, progress: bool = True
-) -> PreparedPaperlike:
+def prepare_paperlike(dataset: str, family: str, *, progress: bool = True) -> PreparedPaperlike:
     """Data, the (cached) augmented-trained teacher and its logits on the fixed views, for ``family``."""
+    setting = PAPERLIKE[dataset]
     base = setting.setting(family)
-    data = downsample(load_dataset("fmnist100", **setting.data), setting.downsample)
+    data = downsample(load_dataset(setting.dataset, **setting.data), setting.downsample)
     key = {"dataset": data.name, **setting.data, **setting.describe()}
     teacher, info = get_teacher(
         data,
