@@ -23,7 +23,8 @@ from .defaults import DEFAULTS
 
 
 class Decomposition(NamedTuple):
-    """The per-sample quantities of ``docs/derivations.md`` §1 for ``(B, C)`` logits (``(B,)`` or ``(B, C)`` each)."""
+    """The per-sample quantities of ``docs/derivations.md`` §1 for ``(B, C)`` logits (``(B,)`` or ``(B, C)``
+    each)."""
 
     log_p_t: Tensor
     log_q_t: Tensor

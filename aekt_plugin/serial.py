@@ -168,8 +168,8 @@ def find_classifier(model: nn.Module) -> list[str]:
 
     Looks at ``model.get_classifier()`` (timm's models; a tuple of heads that the model averages, as in
     DeiT-distilled, gives one path per head), else at the last layer of an ``nn.Sequential``, else at the
-    attributes ``fc``, ``classifier``, ``linear`` and ``head``. Each may be an ``nn.Linear``, an ``nn.Sequential`` ending in one, or a head whose ``fc`` is
-    one.
+    attributes ``fc``, ``classifier``, ``linear`` and ``head``. Each may be an ``nn.Linear``, an
+    ``nn.Sequential`` ending in one, or a head whose ``fc`` is one.
 
     Raises:
         TypeError: no such layer, e.g. a convolutional classifier.
