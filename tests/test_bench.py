@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import aekt_plugin
 from aekt_plugin import bench
 from aekt_plugin._baselines import dkd_mdistiller, kd_plain
 from aekt_plugin.bench import cli as bench_cli
@@ -153,6 +154,49 @@ def test_saved_bytes_rejects_an_output_without_graph() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# ATen calls
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_aten_calls_count_each_operator_once_and_include_the_backward() -> None:
+    x = torch.randn(4, 3)
+    assert bench.count_aten_calls(lambda: x.exp().sum()) == 2
+    leaf = x.clone().requires_grad_(True)
+    forward = bench.count_aten_calls(lambda: (leaf * leaf).sum())
+    assert bench.count_aten_calls(lambda: torch.autograd.grad((leaf * leaf).sum(), leaf)) > forward
+
+
+def test_aten_calls_leave_out_a_first_call_that_fills_a_cache() -> None:
+    cache: list[torch.Tensor] = []
+
+    def step() -> None:
+        if not cache:
+            cache.append(torch.ones(3) * 2)  # two calls, the first time only
+        (cache[0] + 1).sum()
+
+    assert bench.count_aten_calls(step) == 2
+
+
+@pytest.mark.parametrize("loss", [aekt_plugin.kd_loss, aekt_plugin.dkd_loss, aekt_plugin.aekt_loss])
+def test_the_default_path_of_a_fused_loss_pays_for_no_option(loss) -> None:
+    """Leaving the options at their defaults dispatches exactly the ATen calls of turning them off:
+    ``ignore_index`` (-100 by default) with no target to ignore, a Python-number temperature, no
+    standardization."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(16, 10, generator=gen, requires_grad=True)
+    v, y = torch.randn(16, 10, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    def calls(**options: object) -> int:
+        return bench.count_aten_calls(
+            lambda: torch.autograd.grad(loss(z, v, y, validate_args=False, **options), z)
+        )
+
+    off = calls(standardize=False, ignore_index=None, temperature=4.0)
+    assert calls() == off
+    assert calls(standardize=True) > off  # the count does see an option that is on
+
+
+# --------------------------------------------------------------------------------------------------------
 # The benchmark itself: smoke run and JSON schema
 # --------------------------------------------------------------------------------------------------------
 
@@ -162,6 +206,7 @@ _METHOD_KEYS = {
     "p75_s",
     "min_s",
     "calls_per_block",
+    "calls",
     "saved_tensors",
     "saved_bytes",
     "saved_bytes_unique",
@@ -238,6 +283,7 @@ def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result
     assert "device: **cpu**" in table and "dtype **float32**" in table and "threads **1**" in table
     for name in bench.KERNEL_METHODS:
         assert f"`{name}`" in table
+    assert "| calls |" in table
 
 
 @pytest.mark.parametrize(

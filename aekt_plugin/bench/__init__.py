@@ -7,6 +7,7 @@ method at each shape the result gives:
 
 * its time per call and its *paired* time ratios against the baselines, from interleaved rounds in a
   shuffled order (:mod:`~aekt_plugin.bench.timing`);
+* the number of ATen operators one forward+backward dispatches (:mod:`~aekt_plugin.bench.calls`);
 * the bytes it keeps for backward, counted through ``saved_tensors_hooks``, and on CUDA the peak memory of
   one call (:mod:`~aekt_plugin.bench.memory`);
 * whether the fused AEKT meets its targets (:mod:`~aekt_plugin.bench.targets`), and how close each fused
@@ -22,6 +23,7 @@ CNN's training step with each loss and the git revision measured, for the commit
 Importing this package imports torch and the standard library only.
 """
 
+from .calls import count_aten_calls
 from .cli import add_bench_arguments, main, parse_shapes, run_bench
 from .memory import SavedBytes, count_saved_bytes
 from .methods import BASELINES, DEFAULT_SHAPES, KERNEL_METHODS
@@ -36,6 +38,7 @@ __all__ = [
     "SavedBytes",
     "add_bench_arguments",
     "benchmark",
+    "count_aten_calls",
     "count_saved_bytes",
     "main",
     "parse_shapes",

@@ -46,8 +46,8 @@ def _header(result: dict[str, Any]) -> list[str]:
         f"- timing: {settings['timing']}; clock: {settings['clock']}; {settings['rounds']} rounds, "
         f"blocks ≥ {settings['min_block_ms']} ms. "
         "Ratios show median (interquartile range) of the paired per-round ratios.",
-        "- saved = unique storages autograd keeps for backward (+ tensors stored on `ctx`); "
-        "`new` excludes the inputs themselves.",
+        "- calls = ATen operators dispatched by one forward+backward; saved = unique storages autograd "
+        "keeps for backward (+ tensors stored on `ctx`); `new` excludes the inputs themselves.",
         f"- targets judged on: {result['targets_judged_on']}; "
         f"overall: **{'PASS' if result['passed'] else 'FAIL'}**",
         "",
@@ -61,14 +61,15 @@ def _shape_section(entry: dict[str, Any]) -> list[str]:
         "",
         "| method | median time | "
         + " | ".join(f"× {base}" for base in BASELINES)
-        + " | saved (unique) | saved (new) | saved tensors | peak mem |",
-        "|---|" + "---:|" * (len(BASELINES) + 5),
+        + " | calls | saved (unique) | saved (new) | saved tensors | peak mem |",
+        "|---|" + "---:|" * (len(BASELINES) + 6),
     ]
     for name, m in entry["methods"].items():
         cells = [
             f"`{name}`",
             format_time(m["median_s"]),
             *(_ratio(m, base) for base in BASELINES),
+            str(m["calls"]),
             format_bytes(m["saved_bytes_unique"] + m["ctx_attr_bytes"]),
             format_bytes(m["saved_bytes_new"]),
             str(m["saved_tensors"]),

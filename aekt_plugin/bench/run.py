@@ -14,6 +14,7 @@ from torch import Tensor
 import aekt_plugin
 
 from . import targets
+from .calls import count_aten_calls
 from .memory import count_saved_bytes, peak_memory
 from .methods import AGREEMENT_PAIRS, BASELINES, DEFAULT_SHAPES, KERNEL_METHODS, Case, make_cases, make_inputs
 from .timing import CLOCKS, clock_name, interleaved_timing, pinned_threads, summarise
@@ -24,7 +25,7 @@ SCHEMA = "aekt-bench/2"
 """Identifier of the JSON layout written by ``--json`` (bumped when a field changes meaning or goes).
 
 2: ``end_to_end`` and ``environment.aekt_plugin_revision`` are written by ``benchmarks/kernel.py`` only,
-no longer by ``aekt bench``."""
+no longer by ``aekt bench``; new per-method ``calls`` (ATen operators of one forward+backward)."""
 
 DTYPES = {
     "float32": torch.float32,
@@ -67,14 +68,14 @@ def kernel_benchmark(
     clock: str = "cpu",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """At each shape: time and paired ratios of one forward+backward of each method, the bytes it saves
-    for backward (and its CUDA peak memory), the agreement of the fused losses with their baselines, and
-    the targets (:mod:`~aekt_plugin.bench.targets`)."""
+    """At each shape: time and paired ratios of one forward+backward of each method, its number of ATen
+    calls, the bytes it saves for backward (and its CUDA peak memory), the agreement of the fused losses
+    with their baselines, and the targets (:mod:`~aekt_plugin.bench.targets`)."""
     results = []
     for batch, classes in shapes:
         z, v, y = make_inputs(batch, classes, device=device, dtype=dtype, seed=seed)
         cases = make_cases(methods, z, v, y, temperature=temperature, alpha=alpha, beta=beta)
-        times, calls = interleaved_timing(
+        times, block_calls = interleaved_timing(
             {name: case.step for name, case in cases.items()},
             rounds=rounds,
             warmup=warmup,
@@ -87,7 +88,8 @@ def kernel_benchmark(
         )
         summary = summarise(times, BASELINES)
         for name, case in cases.items():
-            summary[name]["calls_per_block"] = calls[name]
+            summary[name]["calls_per_block"] = block_calls[name]
+            summary[name]["calls"] = count_aten_calls(case.step)
             summary[name].update(count_saved_bytes(case, *case.args).as_dict())
             summary[name]["peak_memory_bytes"] = peak_memory(case.step, device)
         results.append(
@@ -228,6 +230,7 @@ def benchmark(
                 "clock": clock_name(device, clock),
                 "timing": "forward+backward w.r.t. student logits; median over interleaved rounds; "
                 "ratios are medians of per-round paired ratios",
+                "calls": "ATen operators dispatched by one forward+backward (after one uncounted call)",
             },
             "kernel": kernel_benchmark(
                 shapes,
