@@ -16,6 +16,7 @@ import aekt_plugin
 from aekt_plugin import bench
 from aekt_plugin._baselines import dkd_mdistiller, kd_plain
 from aekt_plugin.bench import cli as bench_cli
+from aekt_plugin.bench.methods import make_cases, make_inputs
 
 # --------------------------------------------------------------------------------------------------------
 # Baselines against independent computations
@@ -227,6 +228,7 @@ def small_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
             "--rounds=3",
             "--warmup=1",
             "--min-block-ms=0.5",
+            "--options",
             "--quiet",
             f"--json={out / 'r.json'}",
             f"--markdown={out / 'r.md'}",
@@ -255,9 +257,10 @@ def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
     result, _ = small_result
     (entry,) = result["kernel"]
     assert entry["shape"] == [16, 10] and entry["tier"] == "overhead"
-    assert set(entry["methods"]) == set(bench.KERNEL_METHODS)
+    assert list(entry["methods"]) == [*bench.KERNEL_METHODS, *bench.OPTION_METHODS]
     for name, m in entry["methods"].items():
-        assert set(m) == _METHOD_KEYS, name
+        own_ratio = {f"ratio_aekt_fused{s}" for s in ("", "_p25", "_p75")} if "+" in name else set()
+        assert set(m) == _METHOD_KEYS | own_ratio, name
         assert 0 < m["min_s"] <= m["median_s"] and m["p25_s"] <= m["p75_s"]
         assert m["peak_memory_bytes"] is None  # CPU
     for base in bench.BASELINES:
@@ -278,18 +281,35 @@ def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
         assert diffs["loss_abs_diff"] < 1e-4 and diffs["grad_max_abs_diff"] < 1e-5
 
 
+def test_bench_json_shows_what_each_option_costs(small_result: tuple[dict, str]) -> None:
+    result, _ = small_result
+    (entry,) = result["kernel"]
+    assert set(result["settings"]["options"]) == set(bench.OPTIONS)
+    fused = entry["methods"]["aekt_fused"]
+    for name in bench.OPTION_METHODS:
+        m = entry["methods"][name]
+        assert m["ratio_aekt_fused"] > 0
+        assert m["calls"] > fused["calls"], name  # the option is on: it adds ATen calls
+    learnable = entry["methods"]["aekt_fused+learnable_T"]
+    assert learnable["saved_tensors"] == fused["saved_tensors"] + 1  # dL/dT, formed in the forward pass
+
+
 def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result: tuple[dict, str]) -> None:
     _, table = small_result
     assert "device: **cpu**" in table and "dtype **float32**" in table and "threads **1**" in table
     for name in bench.KERNEL_METHODS:
         assert f"`{name}`" in table
-    assert "| calls |" in table
+    for name in bench.OPTION_METHODS:
+        assert f"`{name}`" in table
+    assert "| calls |" in table and "| × without |" in table
 
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
     [
         ({"methods": ["kd_plain", "fast_kd"]}, "methods"),
+        ({"methods": ["aekt_fused+turbo"]}, "methods"),
+        ({"methods": ["kd_plain+standardize"]}, "methods"),
         ({"shapes": [(0, 10)]}, "shapes"),
         ({"threads": 0}, "threads"),
         ({"dtype": "int8"}, "dtype"),
@@ -300,6 +320,32 @@ def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result
 def test_benchmark_rejects_bad_arguments_by_name(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         bench.benchmark(rounds=1, **kwargs)
+
+
+def test_an_option_method_is_timed_with_the_loss_without_it() -> None:
+    result = bench.benchmark(
+        shapes=[(8, 10)], methods=["kd_plain", "dkd_fused+ignore"], rounds=1, warmup=0, min_block_ms=0
+    )
+    (entry,) = result["kernel"]
+    assert list(entry["methods"]) == ["kd_plain", "dkd_fused", "dkd_fused+ignore"]
+    assert "ratio_dkd_fused" in entry["methods"]["dkd_fused+ignore"]
+    assert result["settings"]["options"] == {"ignore": bench.OPTIONS["ignore"]}
+
+
+def test_option_cases_set_what_their_name_says() -> None:
+    z, v, y = make_inputs(20, 7, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    names = ["aekt_fused", *bench.OPTION_METHODS]
+    cases = make_cases(names, z, v, y, temperature=3.0, alpha=1.0, beta=8.0)
+    base = cases["aekt_fused"].loss()
+    learnable = cases["aekt_fused+learnable_T"]
+    assert [t.shape for t in learnable.grad_inputs()] == [z.shape, torch.Size([])]
+    per_sample = cases["aekt_fused+per_sample_T"]
+    assert per_sample.args[3].shape == (20,) and not per_sample.args[3].requires_grad
+    for same_value in (learnable, per_sample):  # the same temperature, given as a tensor
+        torch.testing.assert_close(same_value.loss(), base)
+    ignored = cases["aekt_fused+ignore"].args[2]
+    assert (ignored == -100).tolist() == [i % 10 == 0 for i in range(20)]
+    assert cases["aekt_fused+standardize"].options == {"standardize": True}
 
 
 def test_parse_shapes_reads_bxc_lists_and_names_the_option_on_error() -> None:

@@ -11,11 +11,14 @@ method at each shape the result gives:
 * the bytes it keeps for backward, counted through ``saved_tensors_hooks``, and on CUDA the peak memory of
   one call (:mod:`~aekt_plugin.bench.memory`);
 * whether the fused AEKT meets its targets (:mod:`~aekt_plugin.bench.targets`), and how close each fused
-  loss is to its baseline in value and gradient;
+  loss is to its baseline in value and gradient.
 
-with the device, dtype, thread count and torch version it ran on, as a dictionary ready for JSON
-(:func:`benchmark`) and as markdown (:func:`to_markdown`). :mod:`~aekt_plugin.bench.methods` defines what
-is timed, :mod:`~aekt_plugin.bench.cli` the options (``aekt bench --help``).
+``aekt bench --options`` adds the fused AEKT with each option of the kernel (``standardize``, a learnable
+or per-sample temperature, ignored targets), each with its paired ratio to the loss without it.
+
+The result states the device, dtype, thread count and torch version it ran on; :func:`benchmark` returns
+it ready for JSON and :func:`to_markdown` renders it. :mod:`~aekt_plugin.bench.methods` defines what is
+timed, :mod:`~aekt_plugin.bench.cli` the options (``aekt bench --help``).
 
 ``benchmarks/kernel.py`` in the source repository runs the same benchmark and adds the time of a small
 CNN's training step with each loss and the git revision measured, for the committed results.
@@ -26,7 +29,7 @@ Importing this package imports torch and the standard library only.
 from .calls import count_aten_calls
 from .cli import add_bench_arguments, main, parse_shapes, run_bench
 from .memory import SavedBytes, count_saved_bytes
-from .methods import BASELINES, DEFAULT_SHAPES, KERNEL_METHODS
+from .methods import BASELINES, DEFAULT_SHAPES, KERNEL_METHODS, OPTION_METHODS, OPTIONS
 from .report import to_markdown
 from .run import SCHEMA, benchmark
 
@@ -34,6 +37,8 @@ __all__ = [
     "BASELINES",
     "DEFAULT_SHAPES",
     "KERNEL_METHODS",
+    "OPTIONS",
+    "OPTION_METHODS",
     "SCHEMA",
     "SavedBytes",
     "add_bench_arguments",

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .methods import DEFAULT_SHAPES, KERNEL_METHODS
+from .methods import DEFAULT_SHAPES, KERNEL_METHODS, OPTION_METHODS, OPTIONS
 from .report import to_markdown
 from .run import DTYPES, benchmark
 from .timing import CLOCKS
@@ -53,7 +53,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--methods",
         default=",".join(KERNEL_METHODS),
-        help="comma-separated subset of %(default)s",
+        help="comma-separated subset of %(default)s; a fused method with an option, e.g. aekt_fused+ignore "
+        f"(options: {', '.join(OPTIONS)}), is timed against the same loss without it",
+    )
+    parser.add_argument(
+        "--options",
+        action="store_true",
+        help=f"also time {', '.join(OPTION_METHODS)}: the cost of each option against aekt_fused",
     )
     parser.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
     parser.add_argument("--alpha", type=float, default=1.0, help="α of DKD/AEKT (default 1)")
@@ -85,9 +91,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _benchmark_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return benchmark(
         shapes=parse_shapes(args.shapes),
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=methods + list(OPTION_METHODS) if args.options else methods,
         device=args.device,
         dtype=args.dtype,
         threads=args.threads,

@@ -12,6 +12,16 @@ r"""What ``aekt bench`` measures: the losses, their inputs, and one call of each
 Every method is timed forward **and** backward: ``torch.autograd.grad(loss, z)`` on ``(B, C)`` student
 logits ``z`` (a leaf that requires grad), detached teacher logits ``v`` and int64 targets. The fused and
 reference losses use the package defaults for every other option (``max_weight``, ``normalize_weight``).
+
+A fused method with an option, ``<fused>+<option>`` (e.g. ``aekt_fused+ignore``), is the same loss on the
+same inputs with one option of the kernel on, to be compared with the loss without it:
+
+================== ==================================================================================
+``+standardize``    ``standardize=True``: both logits standardized per sample first
+``+learnable_T``    the temperature as a 0-d tensor with ``requires_grad=True``; the step also returns dL/dT
+``+per_sample_T``   the temperature as a ``(B,)`` tensor (the same value for every sample)
+``+ignore``         every tenth target set to ``ignore_index`` (-100)
+================== ==================================================================================
 """
 
 from __future__ import annotations
@@ -28,15 +38,20 @@ from aekt_plugin import reference
 from aekt_plugin._baselines import dkd_mdistiller, kd_plain
 
 __all__ = [
+    "AGREEMENT_PAIRS",
     "BASELINES",
     "DEFAULT_SHAPES",
+    "FUSED_METHODS",
     "KERNEL_METHODS",
-    "AGREEMENT_PAIRS",
+    "OPTIONS",
+    "OPTION_METHODS",
     "Case",
     "LossFn",
+    "is_known",
     "loss_functions",
     "make_cases",
     "make_inputs",
+    "split_option",
 ]
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((64, 100), (256, 100), (512, 1000), (1024, 1000))
@@ -50,6 +65,22 @@ KERNEL_METHODS: tuple[str, ...] = (
 )
 BASELINES: tuple[str, ...] = ("kd_plain", "dkd_mdistiller", "aekt_reference")
 """The methods every other one is given a paired time ratio against."""
+
+FUSED_METHODS: tuple[str, ...] = ("kd_fused", "dkd_fused", "aekt_fused")
+
+OPTIONS: dict[str, str] = {
+    "standardize": "standardize=True",
+    "learnable_T": "temperature as a 0-d tensor with requires_grad=True (the step also returns dL/dT)",
+    "per_sample_T": "temperature as a (B,) tensor",
+    "ignore": "every tenth target set to ignore_index=-100",
+}
+"""The kernel options a fused method can be timed with, ``<fused>+<option>``, and what each sets."""
+
+OPTION_METHODS: tuple[str, ...] = tuple(f"aekt_fused+{option}" for option in OPTIONS)
+"""The methods ``aekt bench --options`` adds."""
+
+_IGNORE_INDEX = -100
+_IGNORE_EVERY = 10
 
 AGREEMENT_PAIRS: tuple[tuple[str, str], ...] = (
     ("kd_fused", "kd_plain"),
@@ -107,6 +138,35 @@ class Case:
         torch.autograd.grad(self.loss(), self.grad_inputs())
 
 
+def split_option(name: str) -> tuple[str, str | None]:
+    """``"aekt_fused+ignore"`` -> ``("aekt_fused", "ignore")``; ``"kd_plain"`` -> ``("kd_plain", None)``."""
+    base, _, option = name.partition("+")
+    return base, option or None
+
+
+def is_known(name: str) -> bool:
+    """Whether ``name`` is one of :data:`KERNEL_METHODS` or a fused method with one of :data:`OPTIONS`."""
+    base, option = split_option(name)
+    return base in KERNEL_METHODS if option is None else base in FUSED_METHODS and option in OPTIONS
+
+
+def _with_option(
+    option: str, target: Tensor, temperature: float
+) -> tuple[Tensor, float | Tensor, dict[str, Any]]:
+    """``(target, temperature, keyword options)`` of a fused loss call with ``option`` on."""
+    if option == "standardize":
+        return target, temperature, {"standardize": True}
+    if option == "learnable_T":
+        return target, torch.tensor(float(temperature), device=target.device, requires_grad=True), {}
+    if option == "per_sample_T":
+        return target, torch.full(target.shape, float(temperature), device=target.device), {}
+    if option == "ignore":
+        ignored = target.clone()
+        ignored[::_IGNORE_EVERY] = _IGNORE_INDEX
+        return ignored, temperature, {}
+    raise ValueError(f"unknown option {option!r}; choose from {list(OPTIONS)}")
+
+
 def make_inputs(
     batch: int, classes: int, *, device: torch.device, dtype: torch.dtype, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,6 +189,14 @@ def make_cases(
     alpha: float,
     beta: float,
 ) -> dict[str, Case]:
-    """One :class:`Case` per method name, all on the same inputs."""
+    """One :class:`Case` per method name, all on the same inputs (an option changes only what it sets)."""
     losses = loss_functions(alpha=alpha, beta=beta)
-    return {name: Case(losses[name], (student, teacher, target, temperature), {}) for name in names}
+    cases = {}
+    for name in names:
+        base, option = split_option(name)
+        if option is None:
+            cases[name] = Case(losses[name], (student, teacher, target, temperature), {})
+        else:
+            case_target, case_temperature, options = _with_option(option, target, temperature)
+            cases[name] = Case(losses[base], (student, teacher, case_target, case_temperature), options)
+    return cases

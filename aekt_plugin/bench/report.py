@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .methods import BASELINES
+from .methods import BASELINES, split_option
 
 __all__ = ["format_bytes", "format_time", "to_markdown"]
 
@@ -48,27 +48,44 @@ def _header(result: dict[str, Any]) -> list[str]:
         "Ratios show median (interquartile range) of the paired per-round ratios.",
         "- calls = ATen operators dispatched by one forward+backward; saved = unique storages autograd "
         "keeps for backward (+ tensors stored on `ctx`); `new` excludes the inputs themselves.",
+        *(
+            [
+                "- options: "
+                + "; ".join(f"`+{name}`: {text}" for name, text in settings["options"].items())
+                + ". `× without` is the paired ratio to the same loss without the option."
+            ]
+            if settings.get("options")
+            else []
+        ),
         f"- targets judged on: {result['targets_judged_on']}; "
         f"overall: **{'PASS' if result['passed'] else 'FAIL'}**",
         "",
     ]
 
 
+def _without_option(name: str, m: dict[str, Any]) -> str:
+    base, option = split_option(name)
+    return "–" if option is None else _ratio(m, base)
+
+
 def _shape_section(entry: dict[str, Any]) -> list[str]:
     batch, classes = entry["shape"]
+    with_options = any(split_option(name)[1] for name in entry["methods"])
+    ratio_headers = [f"× {base}" for base in BASELINES] + (["× without"] if with_options else [])
     lines = [
         f"## ({batch}, {classes}) — {entry['tier']} tier",
         "",
         "| method | median time | "
-        + " | ".join(f"× {base}" for base in BASELINES)
+        + " | ".join(ratio_headers)
         + " | calls | saved (unique) | saved (new) | saved tensors | peak mem |",
-        "|---|" + "---:|" * (len(BASELINES) + 6),
+        "|---|" + "---:|" * (len(ratio_headers) + 6),
     ]
     for name, m in entry["methods"].items():
         cells = [
             f"`{name}`",
             format_time(m["median_s"]),
             *(_ratio(m, base) for base in BASELINES),
+            *([_without_option(name, m)] if with_options else []),
             str(m["calls"]),
             format_bytes(m["saved_bytes_unique"] + m["ctx_attr_bytes"]),
             format_bytes(m["saved_bytes_new"]),

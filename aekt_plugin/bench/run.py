@@ -16,8 +16,19 @@ import aekt_plugin
 from . import targets
 from .calls import count_aten_calls
 from .memory import count_saved_bytes, peak_memory
-from .methods import AGREEMENT_PAIRS, BASELINES, DEFAULT_SHAPES, KERNEL_METHODS, Case, make_cases, make_inputs
-from .timing import CLOCKS, clock_name, interleaved_timing, pinned_threads, summarise
+from .methods import (
+    AGREEMENT_PAIRS,
+    BASELINES,
+    DEFAULT_SHAPES,
+    KERNEL_METHODS,
+    OPTIONS,
+    Case,
+    is_known,
+    make_cases,
+    make_inputs,
+    split_option,
+)
+from .timing import CLOCKS, clock_name, interleaved_timing, paired_ratio, pinned_threads, summarise
 
 __all__ = ["DTYPES", "SCHEMA", "benchmark", "environment", "kernel_benchmark"]
 
@@ -25,7 +36,9 @@ SCHEMA = "aekt-bench/2"
 """Identifier of the JSON layout written by ``--json`` (bumped when a field changes meaning or goes).
 
 2: ``end_to_end`` and ``environment.aekt_plugin_revision`` are written by ``benchmarks/kernel.py`` only,
-no longer by ``aekt bench``; new per-method ``calls`` (ATen operators of one forward+backward)."""
+no longer by ``aekt bench``; new per-method ``calls`` (ATen operators of one forward+backward); methods
+with an option (``aekt_fused+ignore``) with ``ratio_<the loss without it>``, described in
+``settings.options``."""
 
 DTYPES = {
     "float32": torch.float32,
@@ -68,7 +81,8 @@ def kernel_benchmark(
     clock: str = "cpu",
     progress: bool = False,
 ) -> list[dict[str, Any]]:
-    """At each shape: time and paired ratios of one forward+backward of each method, its number of ATen
+    """At each shape: time and paired ratios of one forward+backward of each method (a method with an
+    option also against the same loss without it, which must be among ``methods``), its number of ATen
     calls, the bytes it saves for backward (and its CUDA peak memory), the agreement of the fused losses
     with their baselines, and the targets (:mod:`~aekt_plugin.bench.targets`)."""
     results = []
@@ -88,6 +102,9 @@ def kernel_benchmark(
         )
         summary = summarise(times, BASELINES)
         for name, case in cases.items():
+            base, option = split_option(name)
+            if option is not None:
+                summary[name].update(paired_ratio(times[name], times[base], base))
             summary[name]["calls_per_block"] = block_calls[name]
             summary[name]["calls"] = count_aten_calls(case.step)
             summary[name].update(count_saved_bytes(case, *case.args).as_dict())
@@ -167,12 +184,20 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    unknown = sorted(set(methods) - set(KERNEL_METHODS))
+    """The methods in order, each option method's base (the loss without the option) added before it."""
+    unknown = sorted(name for name in methods if not is_known(name))
     if unknown:
-        raise ValueError(f"methods: unknown {unknown}; choose from {list(KERNEL_METHODS)}")
+        raise ValueError(
+            f"methods: unknown {unknown}; choose from {list(KERNEL_METHODS)} or <fused>+<option> with a "
+            f"fused method and an option in {list(OPTIONS)}"
+        )
     if not methods:
         raise ValueError("methods: choose at least one")
-    return list(dict.fromkeys(methods))
+    ordered: list[str] = []
+    for name in methods:
+        base, _ = split_option(name)  # base == name without an option
+        ordered += [m for m in (base, name) if m not in ordered]
+    return ordered
 
 
 def benchmark(
@@ -194,10 +219,11 @@ def benchmark(
 ) -> dict[str, Any]:
     """Run the kernel benchmark (:func:`kernel_benchmark`) and return the JSON-ready result.
 
-    The result holds ``schema``, ``environment``, ``settings``, ``kernel`` (one entry per shape),
-    ``targets_judged_on`` and ``passed`` (every target met). ``torch.set_num_threads(threads)`` is set for
-    the duration of the call and restored afterwards. Raises ``ValueError`` naming the argument on bad
-    input (unknown method, non-positive shapes, ...).
+    A method with an option (``aekt_fused+ignore``) is timed with the same loss without it, added to
+    ``methods`` if missing. The result holds ``schema``, ``environment``, ``settings``, ``kernel`` (one
+    entry per shape), ``targets_judged_on`` and ``passed`` (every target met).
+    ``torch.set_num_threads(threads)`` is set for the duration of the call and restored afterwards. Raises
+    ``ValueError`` naming the argument on bad input (unknown method, non-positive shapes, ...).
     """
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype)
@@ -231,6 +257,9 @@ def benchmark(
                 "timing": "forward+backward w.r.t. student logits; median over interleaved rounds; "
                 "ratios are medians of per-round paired ratios",
                 "calls": "ATen operators dispatched by one forward+backward (after one uncounted call)",
+                "options": {
+                    option: OPTIONS[option] for _, option in map(split_option, methods) if option is not None
+                },
             },
             "kernel": kernel_benchmark(
                 shapes,

@@ -42,6 +42,7 @@ __all__ = [
     "calibrate",
     "clock_name",
     "interleaved_timing",
+    "paired_ratio",
     "pinned_threads",
     "summarise",
     "time_block",
@@ -180,12 +181,20 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def summarise(times: dict[str, list[float]], bases: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Median, quartiles and minimum of each method's per-call times, and its paired ratios.
+def paired_ratio(values: Sequence[float], base_values: Sequence[float], base: str) -> dict[str, float]:
+    """``ratio_<base>``: the median over rounds of ``values[r] / base_values[r]``, with ``_p25`` and ``_p75``
+    its quartiles."""
+    ratios = [a / b for a, b in zip(values, base_values, strict=True)]
+    return {
+        f"ratio_{base}": statistics.median(ratios),
+        f"ratio_{base}_p25": _quantile(ratios, 0.25),
+        f"ratio_{base}_p75": _quantile(ratios, 0.75),
+    }
 
-    ``ratio_<base>`` is the median over rounds of ``times[name][r] / times[base][r]`` (with ``_p25`` and
-    ``_p75`` its quartiles), for each ``base`` in ``bases`` that was timed.
-    """
+
+def summarise(times: dict[str, list[float]], bases: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Median, quartiles and minimum of each method's per-call times, and its :func:`paired_ratio` against
+    each of ``bases`` that was timed."""
     out: dict[str, dict[str, Any]] = {}
     for name, values in times.items():
         entry: dict[str, Any] = {
@@ -196,9 +205,6 @@ def summarise(times: dict[str, list[float]], bases: Sequence[str]) -> dict[str, 
         }
         for base in bases:
             if base in times:
-                ratios = [a / b for a, b in zip(values, times[base], strict=True)]
-                entry[f"ratio_{base}"] = statistics.median(ratios)
-                entry[f"ratio_{base}_p25"] = _quantile(ratios, 0.25)
-                entry[f"ratio_{base}_p75"] = _quantile(ratios, 0.75)
+                entry.update(paired_ratio(values, times[base], base))
         out[name] = entry
     return out
