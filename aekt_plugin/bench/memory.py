@@ -65,7 +65,7 @@ def _graph_ctx_tensors(root: Tensor) -> list[Tensor]:
     return found
 
 
-def count_saved_bytes(loss_fn: Callable[..., Tensor], *inputs: Tensor) -> SavedBytes:
+def count_saved_bytes(loss_fn: Callable[..., Tensor], *inputs: Any) -> SavedBytes:
     r"""Bytes that ``loss_fn(*inputs)`` saves for its backward pass.
 
     Every tensor autograd saves goes through :class:`torch.autograd.graph.saved_tensors_hooks` during the
@@ -77,7 +77,7 @@ def count_saved_bytes(loss_fn: Callable[..., Tensor], *inputs: Tensor) -> SavedB
 
     Args:
         loss_fn: callable returning a tensor with a ``grad_fn``.
-        inputs: its positional arguments.
+        inputs: its positional arguments; the storages of the tensors among them are not "new".
 
     Example:
         >>> x = torch.randn(4, 3, requires_grad=True)

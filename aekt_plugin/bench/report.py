@@ -35,7 +35,7 @@ def _ratio(entry: dict[str, Any], base: str) -> str:
 def _header(result: dict[str, Any]) -> list[str]:
     env, settings = result["environment"], result["settings"]
     revision = env.get("aekt_plugin_revision")  # written by benchmarks/kernel.py
-    return [
+    lines = [
         "# `aekt bench` — loss-kernel benchmark",
         "",
         f"- device: **{env['device']}** ({env['device_name']}), dtype **{env['dtype']}**, "
@@ -48,19 +48,14 @@ def _header(result: dict[str, Any]) -> list[str]:
         "Ratios show median (interquartile range) of the paired per-round ratios.",
         "- calls = ATen operators dispatched by one forward+backward; saved = unique storages autograd "
         "keeps for backward (+ tensors stored on `ctx`); `new` excludes the inputs themselves.",
-        *(
-            [
-                "- options: "
-                + "; ".join(f"`+{name}`: {text}" for name, text in settings["options"].items())
-                + ". `× without` is the paired ratio to the same loss without the option."
-            ]
-            if settings.get("options")
-            else []
-        ),
-        f"- targets judged on: {result['targets_judged_on']}; "
-        f"overall: **{'PASS' if result['passed'] else 'FAIL'}**",
-        "",
     ]
+    if settings.get("options"):
+        described = "; ".join(f"`+{name}`: {text}" for name, text in settings["options"].items())
+        lines.append(
+            f"- options: {described}. `× without` is the paired ratio to the loss without the option."
+        )
+    verdict = "PASS" if result["passed"] else "FAIL"
+    return [*lines, f"- targets judged on: {result['targets_judged_on']}; overall: **{verdict}**", ""]
 
 
 def _without_option(name: str, m: dict[str, Any]) -> str:

@@ -50,17 +50,19 @@ DTYPES = {
 
 def _agreement(cases: dict[str, Case]) -> dict[str, dict[str, float]]:
     """Max |difference| of loss and gradient between each fused loss and its baseline (sanity check)."""
-    values: dict[str, tuple[Tensor, Tensor]] = {}
-    for name, case in cases.items():
+
+    def loss_and_grad(case: Case) -> tuple[Tensor, Tensor]:
         loss = case.loss()
-        grad = torch.autograd.grad(loss, case.grad_inputs()[0])[0]
-        values[name] = (loss.detach().double(), grad.double())
+        (grad,) = torch.autograd.grad(loss, case.args[0])
+        return loss.detach().double(), grad.double()
+
     out = {}
     for fused, base in AGREEMENT_PAIRS:
-        if fused in values and base in values:
+        if fused in cases and base in cases:
+            (fused_loss, fused_grad), (base_loss, base_grad) = map(loss_and_grad, (cases[fused], cases[base]))
             out[f"{fused}~{base}"] = {
-                "loss_abs_diff": float((values[fused][0] - values[base][0]).abs()),
-                "grad_max_abs_diff": float((values[fused][1] - values[base][1]).abs().max()),
+                "loss_abs_diff": float((fused_loss - base_loss).abs()),
+                "grad_max_abs_diff": float((fused_grad - base_grad).abs().max()),
             }
     return out
 
