@@ -20,8 +20,9 @@ statement at a time, all of its blocks back to back, so a machine that slows dow
 measurements shifts their ratio; it has no notion of pairing blocks of different statements, and on CUDA
 it synchronises and reads a host clock rather than recording events. It does fit the calibration -- "how
 many calls make a block of at least ``min_block_s`` on this clock and thread count" -- and
-:func:`calibrate` uses ``Timer.timeit`` for it (imported when first needed: the module pulls in
-``torch.utils.cpp_extension`` and ``setuptools``).
+:func:`calibrate` uses ``Timer.timeit`` for it, imported when first needed: the module pulls in
+``torch.utils.cpp_extension`` and ``setuptools`` (and on a machine with a CUDA toolkit but no GPU,
+``cpp_extension`` logs a warning about ``CUDA_HOME`` on import, which the benchmark does not use).
 """
 
 from __future__ import annotations
