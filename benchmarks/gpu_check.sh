@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU check for issue 7 (aekt check + aekt bench on CUDA). Run from the repo root of a working-tree copy on a
-# GPU machine; results go to $OUT (named by the GPU). Under 2000 characters, so it can be pasted as one
-# device command. Needs a Python with torch+CUDA there; the package itself is pure Python (PYTHONPATH=.).
+# GPU check: aekt check and the kernel benchmark (benchmarks/kernel.py) on CUDA. Run from the repo root of
+# a working-tree copy on a GPU machine; results go to $OUT (named by the GPU). Under 2000 characters, so it
+# can be pasted as one device command. Needs a Python with torch+CUDA there; the package itself is pure
+# Python (PYTHONPATH=.).
 set -u
 OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"; export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=""; for c in "${PY_BIN:-}" .venv/bin/python python3 python; do
@@ -14,7 +15,7 @@ rc=0
 timeout 120 $PY -m aekt_plugin check --device cuda > "$OUT/check_cuda_$G.txt" 2>&1 || rc=1
 tail -5 "$OUT/check_cuda_$G.txt"
 for dt in float32 bfloat16 float16; do
-  timeout 150 $PY -m aekt_plugin bench --device cuda --dtype $dt --threads 1 --quiet \
+  timeout 150 $PY benchmarks/kernel.py --device cuda --dtype $dt --threads 1 --quiet \
     --shapes 64x100,256x100,512x1000,1024x1000,8192x1000 $([ $dt != float32 ] && echo --no-e2e) \
     --json "$OUT/kernel_cuda_${G}_$dt.json" --markdown "$OUT/kernel_cuda_${G}_$dt.md" 2> "$OUT/bench_$dt.err" || rc=1
   grep -E "overall|^\| time" "$OUT/kernel_cuda_${G}_$dt.md" 2>/dev/null | head -12

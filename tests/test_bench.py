@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import aekt_plugin
 from aekt_plugin import bench
 from aekt_plugin._baselines import dkd_mdistiller, kd_plain
+from aekt_plugin.bench import cli as bench_cli
+from aekt_plugin.bench import targets, timing
+from aekt_plugin.bench.methods import make_cases, make_inputs
+from aekt_plugin.bench.timing import pinned_threads, summarise
 
 # --------------------------------------------------------------------------------------------------------
 # Baselines against independent computations
@@ -36,7 +46,8 @@ def test_kd_plain_is_temperature_squared_kl_of_teacher_to_student(temperature: f
 def _dkd_by_hand(
     z: list[list[float]], v: list[list[float]], t: list[int], alpha: float, beta: float, T: float
 ) -> float:
-    """DKD from SPEC §2 with plain Python floats: T²·mean(α·KL(b^T‖b^S) + β·KL(q̂‖p̂))."""
+    """DKD with plain Python floats, (D1) of docs/derivations.md with a = α, b = β:
+    T²·mean(α·KL(b^T‖b^S) + β·KL(q̂‖p̂))."""
     total = 0.0
     for zs, vs, target in zip(z, v, t, strict=True):
         ez = [math.exp(x / T) for x in zs]
@@ -70,8 +81,9 @@ def test_dkd_mdistiller_matches_a_hand_computation_on_a_tiny_example() -> None:
     assert value.item() == pytest.approx(_dkd_by_hand(z, v, t, 0.7, 3.0, 2.0), rel=1e-10)
 
 
-def test_dkd_mdistiller_gradient_is_the_closed_form_of_spec_section_2() -> None:
-    """∂L/∂z_t = T·α·(p_t - q_t), ∂L/∂z_j = T·[-α(p_t - q_t)·p̂_j + β(p̂_j - q̂_j)], divided by B."""
+def test_dkd_mdistiller_gradient_is_the_closed_form_g1_g2() -> None:
+    """(G1)–(G2) of docs/derivations.md with a = α, b = β, divided by B: ∂L/∂z_t = T·α·(p_t - q_t),
+    ∂L/∂z_j = T·[-α(p_t - q_t)·p̂_j + β(p̂_j - q̂_j)]."""
     gen = torch.Generator().manual_seed(2)
     B, C, T, alpha, beta = 5, 7, 3.0, 1.5, 4.0
     z = torch.randn(B, C, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -149,6 +161,145 @@ def test_saved_bytes_rejects_an_output_without_graph() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Timing statistics, targets, threads
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_ratios_are_paired_per_round_not_ratios_of_medians() -> None:
+    # In round 2 the machine was slow while "b" ran: pairing keeps that round's ratio apart.
+    summary = summarise({"a": [1.0, 1.0, 3.0], "b": [1.0, 3.0, 3.0]}, ["b"])
+    a = summary["a"]
+    assert (a["median_s"], a["p25_s"], a["p75_s"], a["min_s"]) == (1.0, 1.0, 2.0, 1.0)
+    assert a["ratio_b"] == 1.0  # per-round ratios 1, 1/3, 1; the ratio of the medians is 1/3
+    assert a["ratio_b_p25"] == pytest.approx(2 / 3) and a["ratio_b_p75"] == 1.0
+
+
+def test_every_round_runs_each_block_once_in_a_fresh_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timing, "calibrate", lambda *args, **kwargs: 1)
+    log: list[str] = []
+    steps = {name: (lambda name=name: log.append(name)) for name in "abcd"}
+    times, calls = timing.interleaved_timing(
+        steps, rounds=12, warmup=0, min_block_s=0.0, device=torch.device("cpu")
+    )
+    rounds = [log[i : i + 4] for i in range(0, len(log), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1
+    assert {name: len(t) for name, t in times.items()} == dict.fromkeys("abcd", 12)
+    assert calls == dict.fromkeys("abcd", 1)
+
+
+def test_pinned_threads_restores_the_thread_count_even_on_error() -> None:
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), pinned_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+        raise RuntimeError
+    assert torch.get_num_threads() == before
+
+
+def _fused_figures(*, vs_kd: float, vs_dkd: float, vs_ref: float, kept: int, kd_kept: int) -> dict:
+    return {
+        "aekt_fused": {
+            "ratio_kd_plain": vs_kd,
+            "ratio_dkd_mdistiller": vs_dkd,
+            "ratio_aekt_reference": vs_ref,
+            "saved_bytes_unique": kept,
+            "ctx_attr_bytes": 0,
+        },
+        "kd_plain": {"saved_bytes_unique": kd_kept, "ctx_attr_bytes": 0},
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "tier", "vs_kd", "vs_dkd"),
+    [
+        ((64, 100), "overhead", 2.0, 0.5),
+        ((511, 256), "overhead", 2.0, 0.5),
+        ((512, 256), "memory", 1.15, 0.35),
+        ((1024, 1000), "memory", 1.15, 0.35),
+    ],
+)
+def test_targets_have_the_limits_of_the_shape_tier(shape, tier, vs_kd, vs_dkd) -> None:
+    batch, classes = shape
+    bound = 2 * batch * classes * 4 + 64 * batch  # two fp32 B×C tensors + O(B)
+    at_limit = _fused_figures(vs_kd=vs_kd, vs_dkd=vs_dkd, vs_ref=0.5, kept=bound, kd_kept=bound)
+    assert targets.shape_tier(batch, classes) == tier
+    checks = targets.judge(batch, classes, at_limit, 4)
+    assert [c["limit"] for c in checks] == [vs_kd, vs_dkd, 0.5, 1.0, 1.0]
+    assert all(c["passed"] for c in checks)
+    over = _fused_figures(vs_kd=vs_kd + 0.01, vs_dkd=vs_dkd, vs_ref=0.51, kept=bound + 1, kd_kept=bound)
+    failed = [c["name"] for c in targets.judge(batch, classes, over, 4) if not c["passed"]]
+    assert failed == [
+        "time / kd_plain",
+        "time / aekt_reference",
+        "saved bytes / kd_plain",
+        "saved bytes / (2·B·C·elem + O(B))",
+    ]
+
+
+def test_targets_say_when_they_are_only_indicative() -> None:
+    cpu = torch.device("cpu")
+    assert "indicative" not in targets.judged_on(cpu, torch.float32, 1)
+    assert "indicative" in targets.judged_on(cpu, torch.float32, 2)
+    assert "indicative" in targets.judged_on(cpu, torch.bfloat16, 1)
+
+
+def test_importing_the_benchmark_adds_only_the_standard_library() -> None:
+    """``aekt`` imports a subcommand's module to run it; ``aekt_plugin.bench`` must not pull in optional
+    packages (numpy, tqdm, matplotlib) or torch's benchmark utilities (setuptools) on import."""
+    code = (
+        "import sys, aekt_plugin; before = set(sys.modules); import aekt_plugin.bench;"
+        "new = set(sys.modules) - before;"
+        "bad = sorted(m for m in new if m.split('.')[0] not in sys.stdlib_module_names"
+        " and not m.startswith('aekt_plugin.'));"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ATen calls
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_aten_calls_count_each_operator_once_and_include_the_backward() -> None:
+    x = torch.randn(4, 3)
+    assert bench.count_aten_calls(lambda: x.exp().sum()) == 2
+    leaf = x.clone().requires_grad_(True)
+    forward = bench.count_aten_calls(lambda: (leaf * leaf).sum())
+    assert bench.count_aten_calls(lambda: torch.autograd.grad((leaf * leaf).sum(), leaf)) > forward
+
+
+def test_aten_calls_leave_out_a_first_call_that_fills_a_cache() -> None:
+    cache: list[torch.Tensor] = []
+
+    def step() -> None:
+        if not cache:
+            cache.append(torch.ones(3) * 2)  # two calls, the first time only
+        (cache[0] + 1).sum()
+
+    assert bench.count_aten_calls(step) == 2
+
+
+@pytest.mark.parametrize("loss", [aekt_plugin.kd_loss, aekt_plugin.dkd_loss, aekt_plugin.aekt_loss])
+def test_the_default_path_of_a_fused_loss_pays_for_no_option(loss) -> None:
+    """Leaving the options at their defaults dispatches exactly the ATen calls of turning them off:
+    ``ignore_index`` (-100 by default) with no target to ignore, a Python-number temperature, no
+    standardization."""
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(16, 10, generator=gen, requires_grad=True)
+    v, y = torch.randn(16, 10, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    def calls(**options: object) -> int:
+        return bench.count_aten_calls(
+            lambda: torch.autograd.grad(loss(z, v, y, validate_args=False, **options), z)
+        )
+
+    off = calls(standardize=False, ignore_index=None, temperature=4.0)
+    assert calls() == off
+    assert calls(standardize=True) > off  # the count does see an option that is on
+
+
+# --------------------------------------------------------------------------------------------------------
 # The benchmark itself: smoke run and JSON schema
 # --------------------------------------------------------------------------------------------------------
 
@@ -158,6 +309,7 @@ _METHOD_KEYS = {
     "p75_s",
     "min_s",
     "calls_per_block",
+    "calls",
     "saved_tensors",
     "saved_bytes",
     "saved_bytes_unique",
@@ -178,17 +330,13 @@ def small_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
             "--rounds=3",
             "--warmup=1",
             "--min-block-ms=0.5",
-            "--e2e-batch=8",
-            "--e2e-classes=10",
-            "--e2e-rounds=2",
+            "--options",
             "--quiet",
             f"--json={out / 'r.json'}",
             f"--markdown={out / 'r.md'}",
         ]
     )
-    threads_before = torch.get_num_threads()
     assert bench.run_bench(args) == 0  # not --strict: a missed target is reported, not an error
-    assert torch.get_num_threads() == threads_before
     return json.loads((out / "r.json").read_text()), (out / "r.md").read_text()
 
 
@@ -200,7 +348,7 @@ def test_bench_json_states_environment_and_settings(small_result: tuple[dict, st
     assert env["torch"] == torch.__version__
     assert {"temperature", "alpha", "beta", "rounds", "aekt_defaults", "clock"} <= set(result["settings"])
     assert result["settings"]["clock"].startswith("thread CPU time")  # the default clock at one thread
-    assert isinstance(result["passed"], bool)
+    assert "aekt_plugin_revision" not in env and "end_to_end" not in result  # benchmarks/kernel.py's
 
 
 def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
@@ -209,42 +357,38 @@ def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
     result, _ = small_result
     (entry,) = result["kernel"]
     assert entry["shape"] == [16, 10] and entry["tier"] == "overhead"
-    assert set(entry["methods"]) == set(bench.KERNEL_METHODS)
+    assert list(entry["methods"]) == [*bench.KERNEL_METHODS, *bench.OPTION_METHODS]
     for name, m in entry["methods"].items():
-        assert set(m) == _METHOD_KEYS, name
-        assert 0 < m["min_s"] <= m["median_s"] and m["p25_s"] <= m["p75_s"]
+        own_ratio = {f"ratio_aekt_fused{s}" for s in ("", "_p25", "_p75")} if "+" in name else set()
+        assert set(m) == _METHOD_KEYS | own_ratio, name
+        assert m["min_s"] > 0, name  # the clock advanced over every block
         assert m["peak_memory_bytes"] is None  # CPU
-    for base in bench.BASELINES:
-        assert entry["methods"][base][f"ratio_{base}"] == 1.0
-    for m in entry["methods"].values():  # "new" leaves out the inputs' storages, never adds any
-        assert m["saved_bytes_new"] <= m["saved_bytes_unique"]
-    names = {c["name"] for c in entry["targets"]}
-    assert {
+    # The fused kernel keeps exactly one new B×C tensor, the gradient (docs/derivations.md section 7).
+    fused = entry["methods"]["aekt_fused"]
+    assert fused["saved_bytes_unique"] == fused["saved_bytes_new"] == 16 * 10 * 4
+    assert fused["saved_tensors"] == 1 and fused["ctx_attr_bytes"] == 0
+    assert [c["name"] for c in entry["targets"]] == [
         "time / kd_plain",
         "time / dkd_mdistiller",
         "time / aekt_reference",
         "saved bytes / kd_plain",
-    } <= names
-    assert all(
-        isinstance(c["passed"], bool) and c["passed"] == (c["value"] <= c["limit"]) for c in entry["targets"]
-    )
+        "saved bytes / (2·B·C·elem + O(B))",
+    ]
     for diffs in entry["agreement"].values():
         assert diffs["loss_abs_diff"] < 1e-4 and diffs["grad_max_abs_diff"] < 1e-5
 
 
-def test_bench_json_has_the_end_to_end_overhead(small_result: tuple[dict, str]) -> None:
+def test_bench_json_shows_what_each_option_costs(small_result: tuple[dict, str]) -> None:
     result, _ = small_result
-    e2e = result["end_to_end"]
-    assert e2e["image_shape"] == [1, 28, 28] and e2e["batch"] == 8 and e2e["num_classes"] == 10
-    assert set(e2e["methods"]) == set(bench.E2E_METHODS)
-    aekt, kd = e2e["methods"]["aekt_fused"], e2e["methods"]["kd_plain"]
-    assert aekt["overhead_vs_kd_plain_percent"] == pytest.approx(100 * (aekt["ratio_kd_plain"] - 1))
-    expected = 100 * (aekt["loss_only_median_s"] - kd["loss_only_median_s"]) / kd["median_s"]
-    assert aekt["estimated_overhead_vs_kd_plain_percent"] == pytest.approx(expected)
-    assert (
-        0 < aekt["loss_share_percent"] == pytest.approx(100 * aekt["loss_only_median_s"] / aekt["median_s"])
-    )
-    assert "loss_only_median_s" not in e2e["methods"]["ce_only"]
+    (entry,) = result["kernel"]
+    assert set(result["settings"]["options"]) == set(bench.OPTIONS)
+    fused = entry["methods"]["aekt_fused"]
+    for name in bench.OPTION_METHODS:
+        m = entry["methods"][name]
+        assert m["ratio_aekt_fused"] > 0
+        assert m["calls"] > fused["calls"], name  # the option is on: it adds ATen calls
+    learnable = entry["methods"]["aekt_fused+learnable_T"]
+    assert learnable["saved_tensors"] == fused["saved_tensors"] + 1  # dL/dT, formed in the forward pass
 
 
 def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result: tuple[dict, str]) -> None:
@@ -252,13 +396,17 @@ def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result
     assert "device: **cpu**" in table and "dtype **float32**" in table and "threads **1**" in table
     for name in bench.KERNEL_METHODS:
         assert f"`{name}`" in table
-    assert "End-to-end training step" in table
+    for name in bench.OPTION_METHODS:
+        assert f"`{name}`" in table
+    assert "| calls |" in table and "| × without |" in table
 
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
     [
         ({"methods": ["kd_plain", "fast_kd"]}, "methods"),
+        ({"methods": ["aekt_fused+turbo"]}, "methods"),
+        ({"methods": ["kd_plain+standardize"]}, "methods"),
         ({"shapes": [(0, 10)]}, "shapes"),
         ({"threads": 0}, "threads"),
         ({"dtype": "int8"}, "dtype"),
@@ -268,7 +416,38 @@ def test_bench_markdown_names_device_dtype_threads_and_every_method(small_result
 )
 def test_benchmark_rejects_bad_arguments_by_name(kwargs: dict, argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
-        bench.benchmark(e2e=False, rounds=1, **kwargs)
+        bench.benchmark(rounds=1, **kwargs)
+
+
+def test_an_option_method_is_timed_with_the_loss_without_it() -> None:
+    result = bench.benchmark(
+        shapes=[(8, 10)], methods=["kd_plain", "dkd_fused+ignore"], rounds=1, warmup=0, min_block_ms=0
+    )
+    (entry,) = result["kernel"]
+    assert list(entry["methods"]) == ["kd_plain", "dkd_fused", "dkd_fused+ignore"]
+    assert "ratio_dkd_fused" in entry["methods"]["dkd_fused+ignore"]
+    assert result["settings"]["options"] == {"ignore": bench.OPTIONS["ignore"]}
+
+
+def test_option_cases_set_what_their_name_says() -> None:
+    z, v, y = make_inputs(20, 7, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    names = ["aekt_fused", *bench.OPTION_METHODS]
+    cases = make_cases(names, z, v, y, temperature=3.0, alpha=1.0, beta=8.0)
+    base = cases["aekt_fused"].loss()
+    learnable = cases["aekt_fused+learnable_T"]
+    assert [t.shape for t in learnable.grad_inputs()] == [z.shape, torch.Size([])]
+    per_sample = cases["aekt_fused+per_sample_T"]
+    assert per_sample.args[3].shape == (20,) and not per_sample.args[3].requires_grad
+    for same_value in (learnable, per_sample):  # the same temperature, given as a tensor
+        torch.testing.assert_close(same_value.loss(), base)
+    ignored = cases["aekt_fused+ignore"].args[2]
+    assert (ignored == -100).tolist() == [i % 10 == 0 for i in range(20)]
+    assert cases["aekt_fused+standardize"].options == {"standardize": True}
+
+
+def test_a_run_without_the_fused_aekt_judges_nothing_and_does_not_pass() -> None:
+    result = bench.benchmark(shapes=[(8, 10)], methods=["kd_plain"], rounds=1, warmup=0, min_block_ms=0)
+    assert result["kernel"][0]["targets"] == [] and result["passed"] is False
 
 
 def test_parse_shapes_reads_bxc_lists_and_names_the_option_on_error() -> None:
@@ -289,8 +468,46 @@ def test_strict_mode_turns_a_missed_target_into_exit_status_1(monkeypatch: pytes
     def fake_benchmark(**_: object) -> dict:
         return {"passed": False, "kernel": []}
 
-    monkeypatch.setattr(bench, "benchmark", fake_benchmark)
-    monkeypatch.setattr(bench, "to_markdown", lambda result: "")
+    monkeypatch.setattr(bench_cli, "benchmark", fake_benchmark)
+    monkeypatch.setattr(bench_cli, "to_markdown", lambda result: "")
     parser = bench.add_bench_arguments(argparse.ArgumentParser())
     assert bench.run_bench(parser.parse_args(["--quiet", "--strict"])) == 1
     assert bench.run_bench(parser.parse_args(["--quiet"])) == 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# benchmarks/kernel.py: the committed results add the end-to-end training step and the git revision
+# --------------------------------------------------------------------------------------------------------
+
+
+def _load_kernel_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # a few seconds of training steps
+def test_kernel_script_adds_the_end_to_end_step_and_the_revision(tmp_path: Path) -> None:
+    kernel = _load_kernel_script()
+    argv = ["--device=cpu", "--shapes=8x10", "--rounds=2", "--warmup=1", "--min-block-ms=0.5"]
+    argv += ["--e2e-batch=8", "--e2e-classes=10", "--e2e-rounds=2", "--quiet"]
+    assert kernel.main([*argv, f"--json={tmp_path / 'r.json'}", f"--markdown={tmp_path / 'r.md'}"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["schema"] == bench.SCHEMA
+    revision = result["environment"]["aekt_plugin_revision"]
+    assert revision is None or re.fullmatch(r"[0-9a-f]{7,40}(\+dirty)?", revision)
+    e2e = result["end_to_end"]
+    assert e2e["image_shape"] == [1, 28, 28] and e2e["batch"] == 8 and e2e["num_classes"] == 10
+    assert set(e2e["methods"]) == set(kernel.E2E_METHODS)
+    aekt = e2e["methods"]["aekt_fused"]
+    assert 0 < aekt["loss_share_percent"] < 100
+    assert "loss_only_median_s" not in e2e["methods"]["ce_only"]
+    assert "End-to-end training step" in (tmp_path / "r.md").read_text()
+
+
+def test_kernel_script_rejects_a_bad_e2e_option_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _load_kernel_script().main(["--e2e-classes=1"])
+    assert "--e2e-classes" in capsys.readouterr().err

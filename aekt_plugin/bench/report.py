@@ -1,0 +1,111 @@
+"""The benchmark result as markdown: the environment, then one table per shape with its targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .methods import BASELINES, split_option
+
+__all__ = ["format_bytes", "format_time", "to_markdown"]
+
+
+def format_time(seconds: float) -> str:
+    """``12.3 µs`` below a millisecond, ``4.56 ms`` above."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def format_bytes(nbytes: int | None) -> str:
+    """KiB below a MiB, MiB above; ``–`` for ``None`` (not measured)."""
+    if nbytes is None:
+        return "–"
+    if nbytes < 1024 * 1024:
+        return f"{nbytes / 1024:.1f} KiB"
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def _ratio(entry: dict[str, Any], base: str) -> str:
+    value = entry.get(f"ratio_{base}")
+    if value is None:
+        return "–"
+    return f"{value:.2f} ({entry[f'ratio_{base}_p25']:.2f}–{entry[f'ratio_{base}_p75']:.2f})"
+
+
+def _header(result: dict[str, Any]) -> list[str]:
+    env, settings = result["environment"], result["settings"]
+    revision = env.get("aekt_plugin_revision")  # written by benchmarks/kernel.py
+    lines = [
+        "# `aekt bench` — loss-kernel benchmark",
+        "",
+        f"- device: **{env['device']}** ({env['device_name']}), dtype **{env['dtype']}**, "
+        f"threads **{env['threads']}**, torch {env['torch']}, Python {env['python']}, "
+        f"aekt-plugin {env['aekt_plugin']}{f' ({revision})' if revision else ''}, {env['timestamp']}",
+        f"- loss settings: T={settings['temperature']}, α={settings['alpha']}, β={settings['beta']}, "
+        f"AEKT {settings['aekt_defaults']}",
+        f"- timing: {settings['timing']}; clock: {settings['clock']}; {settings['rounds']} rounds, "
+        f"blocks ≥ {settings['min_block_ms']} ms. "
+        "Ratios show median (interquartile range) of the paired per-round ratios.",
+        "- calls = ATen operators dispatched by one forward+backward; saved = unique storages autograd "
+        "keeps for backward (+ tensors stored on `ctx`); `new` excludes the inputs themselves.",
+    ]
+    if settings.get("options"):
+        described = "; ".join(f"`+{name}`: {text}" for name, text in settings["options"].items())
+        lines.append(
+            f"- options: {described}. `× without` is the paired ratio to the loss without the option."
+        )
+    verdict = "PASS" if result["passed"] else "FAIL"
+    return [*lines, f"- targets judged on: {result['targets_judged_on']}; overall: **{verdict}**", ""]
+
+
+def _without_option(name: str, m: dict[str, Any]) -> str:
+    base, option = split_option(name)
+    return "–" if option is None else _ratio(m, base)
+
+
+def _shape_section(entry: dict[str, Any]) -> list[str]:
+    batch, classes = entry["shape"]
+    with_options = any(split_option(name)[1] for name in entry["methods"])
+    ratio_headers = [f"× {base}" for base in BASELINES] + (["× without"] if with_options else [])
+    lines = [
+        f"## ({batch}, {classes}) — {entry['tier']} tier",
+        "",
+        "| method | median time | "
+        + " | ".join(ratio_headers)
+        + " | calls | saved (unique) | saved (new) | saved tensors | peak mem |",
+        "|---|" + "---:|" * (len(ratio_headers) + 6),
+    ]
+    for name, m in entry["methods"].items():
+        cells = [
+            f"`{name}`",
+            format_time(m["median_s"]),
+            *(_ratio(m, base) for base in BASELINES),
+            *([_without_option(name, m)] if with_options else []),
+            str(m["calls"]),
+            format_bytes(m["saved_bytes_unique"] + m["ctx_attr_bytes"]),
+            format_bytes(m["saved_bytes_new"]),
+            str(m["saved_tensors"]),
+            format_bytes(m["peak_memory_bytes"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if entry["targets"]:
+        lines += ["", "| fused AEKT target | value | limit | result |", "|---|---:|---:|---|"]
+        for check in entry["targets"]:
+            verdict = "pass" if check["passed"] else "**FAIL**"
+            lines.append(f"| {check['name']} | {check['value']:.3f} | {check['limit']:.2f} | {verdict} |")
+    if entry["agreement"]:
+        agree = ", ".join(
+            f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
+            for pair, d in entry["agreement"].items()
+        )
+        lines += ["", f"Agreement (max abs diff): {agree}."]
+    lines.append("")
+    return lines
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The benchmark result as markdown tables (environment first, then one table per shape)."""
+    lines = _header(result)
+    for entry in result["kernel"]:
+        lines += _shape_section(entry)
+    return "\n".join(lines)
