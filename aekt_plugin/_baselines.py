@@ -11,8 +11,7 @@ These are *not* the package's losses. They are the two reference points of the k
   the benchmark measures the cost of that algorithm and the tests can compare against it.
 
 Notation (``docs/derivations.md`` §1): student logits ``z``, teacher logits ``v``, target ``t``,
-temperature ``T``,
-``p = softmax(z/T)``, ``q = softmax(v/T)``, ``b^S = [p_t, 1-p_t]``, ``b^T = [q_t, 1-q_t]``,
+temperature ``T``, ``p = softmax(z/T)``, ``q = softmax(v/T)``, ``b^S = [p_t, 1-p_t]``, ``b^T = [q_t, 1-q_t]``,
 ``p̂ = p_{j≠t}/(1-p_t)``, ``q̂ = q_{j≠t}/(1-q_t)``.
 
 .. warning::

@@ -18,11 +18,10 @@ timed with CUDA events after a synchronisation.
 Why not :class:`torch.utils.benchmark.Timer` throughout? ``Timer.blocked_autorange`` measures one
 statement at a time, all of its blocks back to back, so a machine that slows down between two methods'
 measurements shifts their ratio; it has no notion of pairing blocks of different statements, and on CUDA
-it synchronises and reads a host clock rather than recording events. It does fit the calibration -- "how
-many calls make a block of at least ``min_block_s`` on this clock and thread count" -- and
-:func:`calibrate` uses ``Timer.timeit`` for it, imported when first needed: the module pulls in
-``torch.utils.cpp_extension`` and ``setuptools`` (and on a machine with a CUDA toolkit but no GPU,
-``cpp_extension`` logs a warning about ``CUDA_HOME`` on import, which the benchmark does not use).
+it synchronises and reads a host clock rather than recording events. It would fit the calibration -- "how
+many calls make a block of at least ``min_block_s``" -- but importing it pulls in
+``torch.utils.cpp_extension`` and ``setuptools``, and on a machine with a CUDA toolkit and no GPU logs a
+``CUDA_HOME`` warning on every ``aekt bench``; :func:`calibrate` reuses :func:`time_block` instead.
 """
 
 from __future__ import annotations
@@ -108,17 +107,12 @@ def calibrate(
 ) -> int:
     """Number of calls (1 to ``max_calls``) that makes one block of ``step`` last at least ``min_block_s``.
 
-    Times blocks of 1, 4, 16, ... calls with ``torch.utils.benchmark.Timer.timeit`` on the block clock
-    (on CUDA, Timer's default clock, which synchronises the device) until one lasts ``min_block_s``, then
+    Times blocks of 1, 4, 16, ... calls with :func:`time_block` until one lasts ``min_block_s``, then
     scales the count to that length.
     """
-    from torch.utils.benchmark import Timer
-
-    timer_kwargs = {} if device.type == "cuda" else {"timer": _host_clock(clock)}
-    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads(), **timer_kwargs)
     calls = 1
     while True:
-        per_call = timer.timeit(calls).mean
+        per_call = time_block(step, calls, device, clock)
         if per_call * calls >= min_block_s or calls >= max_calls:
             return max(1, min(max_calls, math.ceil(min_block_s / max(per_call, 1e-9))))
         calls = min(max_calls, calls * 4)
