@@ -121,7 +121,8 @@ def check_logits(student_logits: object, teacher_logits: object) -> None:
             "the class dimension (dim 1) of the logits must have at least 2 classes, "
             f"got {student_logits.shape[1]}"
         )
-    if student_logits.device != teacher_logits.device:
+    both_on_cpu = student_logits.is_cpu and teacher_logits.is_cpu  # no device objects on the common path
+    if not both_on_cpu and student_logits.device != teacher_logits.device:
         raise ValueError(
             "student_logits and teacher_logits must be on the same device, got "
             f"{student_logits.device} and {teacher_logits.device}"
@@ -136,7 +137,7 @@ def target_classes(target: object, logits: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != logits.device:
+    if not (target.is_cpu and logits.is_cpu) and target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
     if target.is_floating_point():
         if target.shape != logits.shape:

@@ -26,6 +26,7 @@ requires grad; the teacher's logits never are.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -116,7 +117,8 @@ def _decoupled_loss(
     standardize: bool = False,
     target_required: bool = True,
 ) -> Tensor:
-    _validation.check_bool("standardize", standardize)
+    if standardize is not False:
+        _validation.check_bool("standardize", standardize)
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,
@@ -219,9 +221,7 @@ def dkd_loss(
     alpha = _validation.check_non_negative("alpha", alpha)
     beta = _validation.check_non_negative("beta", beta)
 
-    def weight_rule(stats: TargetStats) -> Weights:
-        return _dkd_weights(stats, alpha=alpha, beta=beta)
-
+    weight_rule = functools.partial(_dkd_weights, alpha=alpha, beta=beta)
     return _decoupled_loss(
         student_logits,
         teacher_logits,
@@ -255,11 +255,9 @@ def aekt_loss(
     max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
     _validation.check_bool("normalize_weight", normalize_weight)
 
-    def weight_rule(stats: TargetStats) -> Weights:
-        return _aekt_weights(
-            stats, alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
-        )
-
+    weight_rule = functools.partial(
+        _aekt_weights, alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
+    )
     return _decoupled_loss(
         student_logits,
         teacher_logits,

@@ -56,7 +56,7 @@ class _DecoupledLoss(nn.Module):
     def extra_repr(self) -> str:
         temperature = self.temperature
         if isinstance(temperature, Tensor):
-            temperature = f"{float(temperature):g} (tensor)"
+            temperature = f"{float(temperature.detach()):g} (tensor)"
         text = f"temperature={temperature}, reduction={self.reduction!r}"
         if self.ignore_index != -100:
             text += f", ignore_index={self.ignore_index}"

@@ -1,9 +1,10 @@
 """Release check: the built wheel and sdist work as ``pip install aekt-plugin`` promises.
 
-Builds both artifacts from the source tree (no build isolation: setuptools and wheel come with the dev
-extra, so no network), installs the *wheel* into a fresh virtual environment that sees this
-environment's torch but not its editable ``aekt_plugin``, and exercises it from a directory outside the
-repository.
+Builds the sdist from the source tree and the wheel from the sdist, as a release does (no build
+isolation: setuptools and wheel come with the dev extra, so no network; building from the sdist also
+keeps a developer's stale ``build/`` directory out of the wheel), installs the *wheel* into a fresh
+virtual environment that sees this environment's torch but not its editable ``aekt_plugin``, and
+exercises it from a directory outside the repository.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def _run(*command: str | os.PathLike[str], cwd: Path | None = None, env: dict[st
 
 
 def _build(source: Path, outdir: Path, *kinds: str) -> None:
+    """``python -m build``; with no ``kinds`` it builds the sdist, then the wheel from the unpacked sdist."""
     _run(sys.executable, "-m", "build", "--no-isolation", *kinds, "--outdir", outdir, source)
 
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     outdir = tmp_path_factory.mktemp("dist")
-    _build(REPO, outdir, "--sdist", "--wheel")
+    _build(REPO, outdir)
     return outdir
 
 

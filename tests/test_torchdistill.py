@@ -88,10 +88,10 @@ def _criterion_from_yaml(tmp_path: Path, key: str, options: dict, weight: float 
     return get_high_level_loss(config["criterion"])
 
 
-def _logits(batch: int = 16, classes: int = 10, seed: int = 0):
+def _logits(batch: int = 16, classes: int = 10, seed: int = 0, teacher_requires_grad: bool = False):
     gen = torch.Generator().manual_seed(seed)
     z = (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
-    v = (3 * torch.randn(batch, classes, generator=gen)).requires_grad_()
+    v = (3 * torch.randn(batch, classes, generator=gen)).requires_grad_(teacher_requires_grad)
     y = torch.randint(classes, (batch,), generator=gen)
     return z, v, y
 
@@ -188,9 +188,10 @@ def test_loss_from_yaml_in_weighted_sum_equals_core_plus_ce(tmp_path, key):
 @pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
 def test_gradients_reach_the_student_logits_only(tmp_path, key):
     criterion = _criterion_from_yaml(tmp_path, key, OPTIONS[key])
-    z, v, y = _logits(seed=1)
+    z, v, y = _logits(seed=1, teacher_requires_grad=True)  # a teacher trained alongside, say
     io = {"student": {".": {"output": z}, "fc": {"output": z}}, "teacher": {".": {"output": v}}}
-    criterion(io, {}, y).backward()
+    with pytest.warns(UserWarning, match="teacher_logits requires grad"):
+        criterion(io, {}, y).backward()
     assert v.grad is None
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
 
