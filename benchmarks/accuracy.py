@@ -5,9 +5,9 @@ Tables (``--table``), each a protocol whose students differ only in the loss:
 * ``fmnist100`` (the main protocol): Fashion-MNIST-100, six epochs, no augmentation, a cached teacher;
 * ``digits100``: the demo's protocol (digits side by side, 100 classes; about a second per student);
 * ``fashion-mnist`` and ``digits``: 10-class secondary tables;
-* ``paperlike-cnn`` and ``paperlike-mobile``: the paper-like protocol of ``protocols.py`` (a teacher
-  that fits its training split, augmentation with the teacher's logits on the augmented batch, 30
-  epochs), with a plain and a MobileNet-style student.
+* ``paperlike-<digits100|fmnist100>-<cnn|mobile>``: the paper-like protocol of ``protocols.py`` (a
+  teacher that fits its training split, augmentation with the teacher's logits on the augmented view,
+  30 epochs), with a plain and a MobileNet-style student.
 
 Method groups (``--methods``):
 
@@ -16,7 +16,9 @@ Method groups (``--methods``):
 * ``search``: the design-space screen of AEKT (``variants.py``) next to KD, DKD, DKD with the same α, and
   the default AEKT, judged on **validation** accuracy only (written to ``<table>_search.json``);
 * ``confirm``: CE, KD, DKD, the default AEKT and ``--candidates`` on fresh seeds, test accuracy
-  (``<table>_confirm.json``).
+  (``<table>_confirm.json``);
+* ``standardize``: KD, DKD and AEKT with and without logit standardization (same T, α, β), plus KD with
+  the recipe of Sun et al. (standardized, T = 2, KD weight 9), test accuracy (``<table>_standardize.json``).
 
 Accuracy is the last epoch's top-1; nothing is selected on the test split. Collapsed runs are flagged and
 kept out of means. Every run records its configuration, seed, validation and test accuracy and the git
@@ -24,7 +26,7 @@ revision it ran on. The JSON is rewritten after every run and ``--resume`` conti
 built over several sittings, e.g. as two one-thread processes on two cores::
 
     python benchmarks/accuracy.py --table fmnist100 --methods search --seeds 5 --resume
-    python benchmarks/accuracy.py --table paperlike-cnn --seeds 10 --resume
+    python benchmarks/accuracy.py --table paperlike-digits100-cnn --seeds 10 --resume
     python benchmarks/accuracy.py --table digits100 --methods confirm --seeds 100-109 \\
         --candidates "AEKT α=4" --resume
     python benchmarks/accuracy.py --table fmnist100 --report-only   # tables and plots from the JSON
@@ -183,6 +185,18 @@ def search_methods(main: Sequence[MethodConfig]) -> tuple[list[MethodConfig], di
     return _dedupe(aekt, rows)
 
 
+STANDARDIZED = " +std"
+
+
+def standardize_methods(main: Sequence[MethodConfig]) -> list[MethodConfig]:
+    """KD, DKD and AEKT as in ``main`` with standardized logits, and KD with the standardization recipe of
+    Sun et al. (CVPR 2024; their code's ``--logit-stand --base-temp 2 --kd-weight 9``)."""
+    by = {m.name: m for m in main}
+    rows = [replace(by[n], name=n + STANDARDIZED, standardize=True) for n in ("KD", "DKD", "AEKT")]
+    rows.append(replace(by["KD"], name="KD +std, T=2, ×9", standardize=True, temperature=2.0, kd_weight=9.0))
+    return rows
+
+
 def method_from_dict(config: dict[str, Any]) -> MethodConfig:
     """A method back from its JSON record (a :class:`VariantMethod` where it has variant options)."""
     c = dict(config)
@@ -195,9 +209,8 @@ def describe(m: MethodConfig) -> str:
     if m.loss == "ce":
         return "cross-entropy only"
     parts = [f"T={m.temperature:g}"]
-    if m.loss == "kd":
-        return "Hinton KD, " + parts[0]
-    parts += [f"α={m.alpha:g}", f"β={m.beta:g}"]
+    if m.loss != "kd":
+        parts += [f"α={m.alpha:g}", f"β={m.beta:g}"]
     if m.loss == "aekt":
         parts += [f"w_max={_fmt_w(m.max_weight)}", f"normalize={m.normalize_weight}", f"order={m.order}"]
         if isinstance(m, VariantMethod):
@@ -214,7 +227,11 @@ def describe(m: MethodConfig) -> str:
                 + ("" if m.s_lr_scale == 1 else f", S lr×{m.s_lr_scale:g}")
                 + (", detached head" if getattr(m, "detach_head", False) else "")
             )
-    return ", ".join(parts)
+    if m.standardize:
+        parts.append("standardized logits")
+    if m.kd_weight != 1.0:
+        parts.append(f"KD weight {m.kd_weight:g}")
+    return ("Hinton KD, " if m.loss == "kd" else "") + ", ".join(parts)
 
 
 def _common_seeds(runs: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[int]:
@@ -423,22 +440,34 @@ def write_search_report(json_path: Path, stem: str, title: str) -> str:
     return md
 
 
-def write_confirm_report(json_path: Path, stem: str, title: str) -> str:
+def write_paired_report(json_path: Path, stem: str, title: str, kind: str) -> str:
+    """The test-accuracy table of a ``confirm`` or ``standardize`` run, with its paired differences."""
     blob = read_results(json_path)
     runs, proto = blob["runs"], blob["protocol"]
     cfgs = proto["methods"]
     names = list(cfgs)
     others = [n for n in names if n not in MAIN]
-    compare = [("DKD", "KD"), ("AEKT", "DKD")] + [(n, "DKD") for n in others] + [(n, "AEKT") for n in others]
+    if kind == "confirm":
+        compare = [("DKD", "KD"), ("AEKT", "DKD")] + [(n, "DKD") for n in others]
+        compare += [(n, "AEKT") for n in others]
+        heading = "confirmation on fresh seeds"
+    else:
+        compare = [(n, n.removesuffix(STANDARDIZED)) for n in others if n.endswith(STANDARDIZED)]
+        compare += [(n, "KD") for n in others if not n.endswith(STANDARDIZED)]
+        compare += [
+            ("AEKT" + STANDARDIZED, "DKD" + STANDARDIZED),
+            ("DKD" + STANDARDIZED, "KD" + STANDARDIZED),
+        ]
+        heading = "logit standardization"
     md = (
-        _teacher_line(proto, runs, title + ", confirmation on fresh seeds")
+        _teacher_line(proto, runs, f"{title}, {heading}")
         + "\n\n"
         + format_table(
             runs, compare=compare, descriptions={n: describe(method_from_dict(cfgs[n])) for n in names}
         )
     )
-    (RESULTS / f"{stem}_confirm.md").write_text(md)
-    plot_results(runs, RESULTS / f"{stem}_confirm.png", title=f"{title}: confirmation (test)")
+    (RESULTS / f"{stem}_{kind}.md").write_text(md)
+    plot_results(runs, RESULTS / f"{stem}_{kind}.png", title=f"{title}: {heading} (test)")
     return md
 
 
@@ -464,10 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
     parser.add_argument(
         "--methods",
-        choices=("main", "probes", "all", "search", "confirm"),
+        choices=("main", "probes", "all", "search", "confirm", "standardize"),
         default="main",
         help="main: CE, KD, DKD, AEKT; probes: plus β=8 probes; all: plus ablations; search: the AEKT "
-        "design-space screen (validation); confirm: the main rows and --candidates on fresh seeds",
+        "design-space screen (validation); confirm: the main rows and --candidates on fresh seeds; "
+        "standardize: KD, DKD, AEKT with and without logit standardization",
     )
     parser.add_argument(
         "--candidates", default="", help="comma-separated search rows to confirm (with --methods confirm)"
@@ -480,7 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stem, title = TABLES[args.table]
-    suffix = {"search": "search", "confirm": "confirm"}.get(args.methods, "accuracy")
+    suffix = {"search": "search", "confirm": "confirm", "standardize": "standardize"}.get(
+        args.methods, "accuracy"
+    )
     json_path = RESULTS / f"{stem}_{suffix}.json"
     if not args.report_only:
         main4 = main_methods(beta=args.beta)
@@ -507,8 +539,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(f"--candidates: unknown search rows {unknown}; known: {sorted(by_name)}")
                 methods = list(main4) + [by_name[c] for c in wanted]
                 groups = [[m.name for m in methods]]
+        if args.methods == "standardize":
+            methods = [m for m in main4 if m.name != "CE"] + standardize_methods(main4)
+            groups = [[m.name for m in methods]]
         if args.main_seeds is not None:
-            seeds_for.update({m.name: args.main_seeds for m in main4})
+            seeds_for.update({m.name: args.main_seeds for m in main4 if m in methods})
         prepared, batches = _prepare(args.table, progress=not args.no_progress)
         t = prepared.teacher_info
         print(
@@ -535,8 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.methods == "search":
         print(write_search_report(json_path, stem, title))
-    elif args.methods == "confirm":
-        print(write_confirm_report(json_path, stem, title))
+    elif args.methods in ("confirm", "standardize"):
+        print(write_paired_report(json_path, stem, title, args.methods))
     else:
         print(write_report(json_path, stem, title))
         if args.table.startswith("paperlike-"):

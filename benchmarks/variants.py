@@ -78,6 +78,8 @@ class VariantMethod(MethodConfig):
             raise ValueError("a VariantMethod is an AEKT variant (loss='aekt')")
         if self.detach_head and self.order != "cls_kd":
             raise ValueError("detach_head needs order='cls_kd'")
+        if self.standardize or self.kd_weight != 1.0:
+            raise ValueError("the variants take neither standardize nor kd_weight")
 
     def weights(self, stats: TargetStats) -> tuple[Tensor, Tensor | float]:
         log_r = stats.log_ratio[:, 0] * self.gamma

@@ -3,16 +3,17 @@
 Per step, with ``(z_cls, z_kd) = SerialStudent(student, order).split(x)`` (both the student's logits
 without a serial layer)::
 
-    loss = ce_weight · CE(z_cls, y) + min(step / warmup_steps, 1) · L(z_kd, v, y)
+    loss = ce_weight · CE(z_cls, y) + min(step / warmup_steps, 1) · kd_weight · L(z_kd, v, y)
 
 where ``v`` are the teacher's logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the core
-(``T²`` inside); ``L = 0`` for CE. The warm-up (:class:`aekt_plugin.serial.KDWarmup`) counts optimiser
-steps linearly from 0.
+(``T²`` inside, logit standardization when the method asks for it); ``L = 0`` for CE. The warm-up
+(:class:`aekt_plugin.serial.KDWarmup`) counts optimiser steps linearly from 0.
 Accuracy is measured on ``z_cls`` at the last epoch (nothing is selected on the test set).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -56,7 +57,9 @@ class MethodConfig:
 
     ``order=None`` means no serial layer (``z_cls = z_kd``). ``residual`` selects the residual form
     ``z_kd = z_cls + S·z_cls`` (``S`` zero-initialised); ``s_weight_decay`` whether ``S`` is
-    weight-decayed; ``s_lr_scale`` multiplies the learning rate of ``S``.
+    weight-decayed; ``s_lr_scale`` multiplies the learning rate of ``S``. ``standardize`` passes
+    ``standardize=True`` to the loss (logit standardization); ``kd_weight`` multiplies the distillation
+    term (the standardization recipe of Sun et al. weights KD by 9 at ``T = 2``).
     """
 
     name: str
@@ -71,6 +74,8 @@ class MethodConfig:
     s_weight_decay: bool = True
     s_lr_scale: float = 1.0
     ce_weight: float = 1.0
+    standardize: bool = False
+    kd_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -83,28 +88,32 @@ class MethodConfig:
         return d
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
-        """``L(z_kd, v, y)`` of this method (``None`` for cross-entropy only)."""
+        """``kd_weight · L(z_kd, v, y)`` of this method (``None`` for cross-entropy only)."""
         import aekt_plugin as ak
 
         if self.loss == "ce":
             return None
+        options: dict[str, Any] = {
+            "temperature": self.temperature,
+            "standardize": self.standardize,
+            "validate_args": False,
+        }
         if self.loss == "kd":
-            return lambda s, t, y: ak.kd_loss(s, t, y, temperature=self.temperature, validate_args=False)
-        if self.loss == "dkd":
-            return lambda s, t, y: ak.dkd_loss(
-                s, t, y, temperature=self.temperature, alpha=self.alpha, beta=self.beta, validate_args=False
+            loss = functools.partial(ak.kd_loss, **options)
+        elif self.loss == "dkd":
+            loss = functools.partial(ak.dkd_loss, alpha=self.alpha, beta=self.beta, **options)
+        else:
+            loss = functools.partial(
+                ak.aekt_loss,
+                alpha=self.alpha,
+                beta=self.beta,
+                max_weight=self.max_weight,
+                normalize_weight=self.normalize_weight,
+                **options,
             )
-        return lambda s, t, y: ak.aekt_loss(
-            s,
-            t,
-            y,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            beta=self.beta,
-            max_weight=self.max_weight,
-            normalize_weight=self.normalize_weight,
-            validate_args=False,
-        )
+        if self.kd_weight == 1.0:
+            return loss
+        return lambda s, t, y: self.kd_weight * loss(s, t, y)
 
     def build(self, student: nn.Module, num_classes: int) -> nn.Module:
         """The trained module: ``student`` with this method's serial layer; ``split(x)`` gives
