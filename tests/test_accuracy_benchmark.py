@@ -7,7 +7,9 @@ rule there would put a wrong row into a committed table, so the rows are checked
 from __future__ import annotations
 
 import importlib
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def accuracy():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield importlib.import_module("accuracy")
+        yield importlib.import_module("accuracy")  # imports its sibling ``protocols`` too
     finally:
         sys.path.remove(str(BENCHMARKS))
 
@@ -101,3 +103,79 @@ def test_the_standardize_rows_differ_from_the_main_rows_only_by_the_option(accur
 def test_variants_refuse_the_options_they_would_ignore(accuracy):
     with pytest.raises(ValueError, match="standardize"):
         accuracy.VariantMethod("v", standardize=True)
+
+
+# ------------------------------------------------------------- a tiny run of the benchmark, end to end
+
+
+@pytest.fixture()
+def tiny_benchmark(accuracy, tiny_demo, tmp_path, monkeypatch):
+    """``benchmarks/accuracy.py`` on tiny models and data, writing into ``tmp_path``."""
+    import protocols
+
+    setting = protocols.PAPERLIKE["digits100"]
+    tiny_train = replace(setting.students["cnn"], model="tiny", epochs=2, warmup_epochs=0.5)
+    monkeypatch.setitem(
+        protocols.PAPERLIKE,
+        "digits100",
+        replace(
+            setting,
+            data={"n_train": 300, "n_val": 50, "n_test": 200, "seed": 0},
+            views=2,
+            teacher=replace(setting.teacher, model="tiny", epochs=2),
+            students={"cnn": tiny_train, "mobile": tiny_train},
+        ),
+    )
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    return accuracy
+
+
+def _runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["runs"]
+
+
+def test_a_paper_like_table_records_every_run_and_the_gate(tiny_benchmark, capsys):
+    argv = ["--table", "paperlike-digits100-cnn", "--seeds", "2", "--no-progress"]
+    assert tiny_benchmark.main(argv) == 0
+    path = tiny_benchmark.RESULTS / "paperlike_digits100_cnn_accuracy.json"
+    runs = _runs(path)
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
+        (m, s) for m in ("CE", "KD", "DKD", "AEKT") for s in (0, 1)
+    )
+    for run in runs:
+        assert 0 <= run["accuracy"] <= 1 and 0 <= run["val_accuracy"] <= 1 and 0 <= run["train_accuracy"] <= 1
+        assert run["revision"]
+    protocol = json.loads(path.read_text())["protocol"]
+    assert protocol["paperlike"]["views"] == 2 and "train_accuracy" in protocol["teacher_result"]
+    assert "calibration gate" in capsys.readouterr().out
+    assert (tiny_benchmark.RESULTS / "paperlike_digits100_cnn_accuracy.png").stat().st_size > 0
+    # --resume trains nothing that is already in the JSON
+    assert tiny_benchmark.main([*argv, "--resume"]) == 0
+    assert _runs(path) == runs
+
+
+def test_the_search_confirm_and_standardize_groups_write_their_own_tables(tiny_benchmark):
+    common = ["--table", "digits100", "--no-progress"]
+    assert tiny_benchmark.main([*common, "--methods", "search", "--seeds", "1"]) == 0
+    search = _runs(tiny_benchmark.RESULTS / "digits100_search.json")
+    names = {r["method"] for r in search}
+    assert "CE" not in names and {"KD", "DKD", "AEKT", "AEKT γ=2", "DKD α=4"} <= names
+    assert "validation accuracy" in (tiny_benchmark.RESULTS / "digits100_search.md").read_text()
+
+    confirm = [*common, "--methods", "confirm", "--seeds", "100-101", "--candidates", "AEKT w_max=1"]
+    assert tiny_benchmark.main(confirm) == 0
+    runs = _runs(tiny_benchmark.RESULTS / "digits100_confirm.json")
+    assert {r["method"] for r in runs} == {"CE", "KD", "DKD", "AEKT", "AEKT w_max=1"}
+    assert {r["seed"] for r in runs} == {100, 101}
+    assert "AEKT w_max=1 − DKD" in (tiny_benchmark.RESULTS / "digits100_confirm.md").read_text()
+
+    assert tiny_benchmark.main([*common, "--methods", "standardize", "--seeds", "1"]) == 0
+    table = (tiny_benchmark.RESULTS / "digits100_standardize.md").read_text()
+    for line in ("KD +std − KD", "DKD +std − DKD", "AEKT +std − AEKT", "KD +std, T=2, ×9 − KD"):
+        assert line in table
+
+
+def test_an_unknown_candidate_is_named(tiny_benchmark, capsys):
+    with pytest.raises(SystemExit):
+        tiny_benchmark.main(["--table", "digits100", "--methods", "confirm", "--candidates", "AEKT γ=3"])
+    assert "AEKT γ=3" in capsys.readouterr().err
