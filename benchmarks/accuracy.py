@@ -500,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "standardize: KD, DKD, AEKT with and without logit standardization",
     )
     parser.add_argument(
-        "--candidates", default="", help="comma-separated search rows to confirm (with --methods confirm)"
+        "--candidates",
+        default="",
+        help="search rows to confirm (with --methods confirm), separated by commas, or by semicolons when "
+        "a name holds a comma",
     )
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA)
     parser.add_argument("--threads", type=int, default=1)
@@ -532,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 methods = [m for m in main4 if m.name != "CE"] + rows
                 groups = [[m.name for m in methods]]
             else:
-                wanted = [c.strip() for c in args.candidates.split(",") if c.strip()]
+                separator = ";" if ";" in args.candidates else ","
+                wanted = [c.strip() for c in args.candidates.split(separator) if c.strip()]
                 by_name = {m.name: m for m in rows}
                 unknown = [c for c in wanted if c not in by_name]
                 if unknown:

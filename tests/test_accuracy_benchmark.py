@@ -162,10 +162,19 @@ def test_the_search_confirm_and_standardize_groups_write_their_own_tables(tiny_b
     assert "CE" not in names and {"KD", "DKD", "AEKT", "AEKT γ=2", "DKD α=4"} <= names
     assert "validation accuracy" in (tiny_benchmark.RESULTS / "digits100_search.md").read_text()
 
-    confirm = [*common, "--methods", "confirm", "--seeds", "100-101", "--candidates", "AEKT w_max=1"]
+    serial = "AEKT S kd_cls, identity, lr×0.1, wd"  # a name with commas: semicolons separate
+    confirm = [
+        *common,
+        "--methods",
+        "confirm",
+        "--seeds",
+        "100-101",
+        "--candidates",
+        f"AEKT w_max=1; {serial}",
+    ]
     assert tiny_benchmark.main(confirm) == 0
     runs = _runs(tiny_benchmark.RESULTS / "digits100_confirm.json")
-    assert {r["method"] for r in runs} == {"CE", "KD", "DKD", "AEKT", "AEKT w_max=1"}
+    assert {r["method"] for r in runs} == {"CE", "KD", "DKD", "AEKT", "AEKT w_max=1", serial}
     assert {r["seed"] for r in runs} == {100, 101}
     assert "AEKT w_max=1 − DKD" in (tiny_benchmark.RESULTS / "digits100_confirm.md").read_text()
 
