@@ -184,6 +184,40 @@ def test_the_search_confirm_and_standardize_groups_write_their_own_tables(tiny_b
         assert line in table
 
 
+def test_the_verdict_gathers_each_protocols_paired_differences(accuracy, tmp_path, capsys):
+    from aekt_plugin.demo.report import write_results
+
+    verdict = importlib.import_module("verdict")
+
+    def run(method, seed, accuracy, collapsed=False):
+        return {"method": method, "seed": seed, "accuracy": accuracy, "collapsed": collapsed}
+
+    kd = [0.70, 0.72, 0.71, 0.69]
+    runs = [run("KD", s, a) for s, a in enumerate(kd)]
+    runs += [run("DKD", s, a + 0.01 + 0.001 * s) for s, a in enumerate(kd)]  # +1.0 to +1.3 points
+    runs += [run("AEKT", s, a + 0.01 + (0.004 if s % 2 else -0.004)) for s, a in enumerate(kd)]
+    runs += [run(verdict.SERIAL, s, 0.01, collapsed=s == 0) for s in range(4)]
+    write_results(tmp_path / "digits100_confirm.json", {}, runs)
+    write_results(tmp_path / "fmnist100_standardize.json", {}, runs[:4])  # KD only: nothing to compare
+
+    assert verdict.main(["--results", str(tmp_path)]) == 0
+    rows = {(r["comparison"], r["protocol"]): r for r in verdict.collect(tmp_path)}
+    assert set(rows) == {
+        (c, "digits-100 (demo)")
+        for c in ("DKD − KD", "AEKT − DKD", "AEKT + serial S (kd_cls, S lr×0.1) − DKD")
+    }
+    dkd = rows[("DKD − KD", "digits-100 (demo)")]
+    assert dkd["mean"] == pytest.approx(1.15) and dkd["ci_low"] > 0 and not dkd["within_noise"]
+    aekt = rows[("AEKT − DKD", "digits-100 (demo)")]
+    assert aekt["within_noise"] and aekt["ci_low"] < 0 < aekt["ci_high"]
+    serial = rows[("AEKT + serial S (kd_cls, S lr×0.1) − DKD", "digits-100 (demo)")]
+    assert serial["seeds"] == [1, 2, 3] and serial["mean"] < -60  # the collapsed seed is left out
+    table = (tmp_path / "verdict.md").read_text()
+    assert "| DKD − KD | digits-100 (demo) | +1.15 |" in table and "better" in table and "worse" in table
+    assert (tmp_path / "verdict.png").stat().st_size > 0
+    assert "not measured yet" in capsys.readouterr().err
+
+
 def test_an_unknown_candidate_is_named(tiny_benchmark, capsys):
     with pytest.raises(SystemExit):
         tiny_benchmark.main(["--table", "digits100", "--methods", "confirm", "--candidates", "AEKT γ=3"])
