@@ -17,6 +17,8 @@ Method groups (``--methods``):
   the default AEKT, judged on **validation** accuracy only (written to ``<table>_search.json``);
 * ``confirm``: CE, KD, DKD, the default AEKT and ``--candidates`` on fresh seeds, test accuracy
   (``<table>_confirm.json``);
+* ``calibrate``: KD and DKD over T ∈ {2, 4} and β ∈ {1, 2, 4, 8}, judged on **validation** accuracy
+  (``<table>_calibrate.json``): where, if anywhere, DKD beats KD by the calibration gate's margin;
 * ``standardize``: KD, DKD and AEKT with and without logit standardization (same T, α, β), plus KD with
   the recipe of Sun et al. (standardized, T = 2, KD weight 9), test accuracy (``<table>_standardize.json``).
 
@@ -195,6 +197,41 @@ def standardize_methods(main: Sequence[MethodConfig]) -> list[MethodConfig]:
     rows = [replace(by[n], name=n + STANDARDIZED, standardize=True) for n in ("KD", "DKD", "AEKT")]
     rows.append(replace(by["KD"], name="KD +std, T=2, ×9", standardize=True, temperature=2.0, kd_weight=9.0))
     return rows
+
+
+CALIBRATION_TEMPERATURES = (2.0, 4.0)
+CALIBRATION_BETAS = (1.0, 2.0, 4.0, 8.0)
+
+
+def calibration_methods() -> list[MethodConfig]:
+    """KD at each temperature and DKD at each (temperature, β), α = 1: the grid the gate was sought on."""
+    rows = []
+    for t in CALIBRATION_TEMPERATURES:
+        rows.append(MethodConfig(f"KD T={t:g}", loss="kd", temperature=t))
+        rows += [
+            MethodConfig(f"DKD T={t:g} β={b:g}", loss="dkd", temperature=t, beta=b) for b in CALIBRATION_BETAS
+        ]
+    return rows
+
+
+def write_calibration_report(json_path: Path, stem: str, title: str) -> str:
+    """DKD − KD at each (T, β) on validation accuracy, against KD at the same temperature."""
+    blob = read_results(json_path)
+    runs, cfgs = blob["runs"], blob["protocol"]["methods"]
+    compare = [(n, f"KD T={c['temperature']:g}") for n, c in cfgs.items() if c["loss"] == "dkd"]
+    md = (
+        _teacher_line(blob["protocol"], runs, f"{title}, calibration")
+        + "\n\nKD and DKD over the temperature and β grid, **validation accuracy** (last epoch); the gate "
+        "asks DKD − KD ≥ +1.0 point with the interval above 0.\n\n"
+        + format_table(
+            runs,
+            compare=compare,
+            descriptions={n: describe(method_from_dict(c)) for n, c in cfgs.items()},
+            metric="val_accuracy",
+        )
+    )
+    (RESULTS / f"{stem}_calibrate.md").write_text(md)
+    return md
 
 
 def method_from_dict(config: dict[str, Any]) -> MethodConfig:
@@ -493,11 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
     parser.add_argument(
         "--methods",
-        choices=("main", "probes", "all", "search", "confirm", "standardize"),
+        choices=("main", "probes", "all", "search", "confirm", "calibrate", "standardize"),
         default="main",
         help="main: CE, KD, DKD, AEKT; probes: plus β=8 probes; all: plus ablations; search: the AEKT "
         "design-space screen (validation); confirm: the main rows and --candidates on fresh seeds; "
-        "standardize: KD, DKD, AEKT with and without logit standardization",
+        "calibrate: KD and DKD over T and β (validation); standardize: KD, DKD, AEKT with and without logit "
+        "standardization",
     )
     parser.add_argument(
         "--candidates",
@@ -513,9 +551,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stem, title = TABLES[args.table]
-    suffix = {"search": "search", "confirm": "confirm", "standardize": "standardize"}.get(
-        args.methods, "accuracy"
-    )
+    kinds = ("search", "confirm", "calibrate", "standardize")
+    suffix = args.methods if args.methods in kinds else "accuracy"
     json_path = RESULTS / f"{stem}_{suffix}.json"
     if not args.report_only:
         main4 = main_methods(beta=args.beta)
@@ -543,6 +580,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     parser.error(f"--candidates: unknown search rows {unknown}; known: {sorted(by_name)}")
                 methods = list(main4) + [by_name[c] for c in wanted]
                 groups = [[m.name for m in methods]]
+        if args.methods == "calibrate":
+            methods = calibration_methods()
+            groups = [[m.name for m in methods]]
         if args.methods == "standardize":
             methods = [m for m in main4 if m.name != "CE"] + standardize_methods(main4)
             groups = [[m.name for m in methods]]
@@ -574,6 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.methods == "search":
         print(write_search_report(json_path, stem, title))
+    elif args.methods == "calibrate":
+        print(write_calibration_report(json_path, stem, title))
     elif args.methods in ("confirm", "standardize"):
         print(write_paired_report(json_path, stem, title, args.methods))
     else:

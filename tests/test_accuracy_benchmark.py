@@ -218,6 +218,24 @@ def test_the_verdict_gathers_each_protocols_paired_differences(accuracy, tmp_pat
     assert "not measured yet" in capsys.readouterr().err
 
 
+def test_the_calibration_grid_compares_dkd_with_kd_at_each_temperature(tiny_benchmark):
+    argv = [
+        "--table",
+        "paperlike-digits100-mobile",
+        "--methods",
+        "calibrate",
+        "--seeds",
+        "2",
+        "--no-progress",
+    ]
+    assert tiny_benchmark.main(argv) == 0
+    runs = _runs(tiny_benchmark.RESULTS / "paperlike_digits100_mobile_calibrate.json")
+    assert len(runs) == 2 * 2 * (1 + 4)  # seeds × temperatures × (KD + four β)
+    table = (tiny_benchmark.RESULTS / "paperlike_digits100_mobile_calibrate.md").read_text()
+    assert "validation accuracy" in table
+    assert "DKD T=2 β=8 − KD T=2" in table and "DKD T=4 β=1 − KD T=4" in table
+
+
 def test_an_unknown_candidate_is_named(tiny_benchmark, capsys):
     with pytest.raises(SystemExit):
         tiny_benchmark.main(["--table", "digits100", "--methods", "confirm", "--candidates", "AEKT γ=3"])
