@@ -3,6 +3,9 @@ hypothesis profile without deadlines (the CI machine is shared and its timings a
 model and demo settings the demo tests train in seconds."""
 
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
@@ -51,3 +54,38 @@ def _one_time_warnings_start_fresh(monkeypatch):
     from aekt_plugin import _validation
 
     monkeypatch.setattr(_validation, "_WARNED", set())
+
+
+_BLOCK_IMPORTS = """\
+import sys, importlib.abc, importlib.machinery
+class Missing(importlib.abc.Loader):  # as if the package were not installed
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+    def exec_module(self, module):
+        pass
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, Missing())
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _run_without(
+    packages: Sequence[str], code: str, *, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    script = f"BLOCKED = {tuple(packages)!r}\n" + _BLOCK_IMPORTS + code
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture()
+def run_without():
+    """``run_without(packages, code, env=None)``: run ``code`` in a fresh interpreter in which importing
+    any of ``packages`` fails, as if they were not installed."""
+    return _run_without

@@ -57,24 +57,13 @@ def test_check_passes_on_cpu_float32(capsys):
 
 
 @pytest.mark.slow
-def test_check_needs_neither_numpy_nor_the_demo_packages():
+def test_check_needs_neither_numpy_nor_the_demo_packages(run_without):
     """torch runs without numpy; so does `aekt check` (the CLI imports only the subcommand it runs)."""
-    code = (
-        "import sys, importlib.abc, importlib.machinery\n"
-        "class Missing(importlib.abc.Loader):  # as if the package were not installed\n"
-        "    def create_module(self, spec):\n"
-        "        raise ModuleNotFoundError(f'No module named {spec.name!r}', name=spec.name)\n"
-        "    def exec_module(self, module):\n"
-        "        pass\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name.split('.')[0] in ('numpy', 'sklearn', 'matplotlib', 'tqdm'):\n"
-        "            return importlib.machinery.ModuleSpec(name, Missing())\n"
-        "sys.meta_path.insert(0, Block())\n"
+    done = run_without(
+        ("numpy", "sklearn", "matplotlib", "tqdm"),
         "from aekt_plugin import cli\n"
-        "sys.exit(cli.main(['check', '--dtype', 'float32', '--compile-backend', 'none']))\n"
+        "sys.exit(cli.main(['check', '--dtype', 'float32', '--compile-backend', 'none']))\n",
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "0 failed" in done.stdout
 
