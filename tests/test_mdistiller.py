@@ -362,7 +362,8 @@ def test_train_step_returns_the_two_losses_and_trains_student_and_serial_only(md
         assert module.serial.weight.grad.abs().sum() > 0
 
 
-def test_losses_follow_the_cfg_and_the_warmup(md, cfg) -> None:
+@pytest.mark.parametrize("standardize", [False, True])
+def test_losses_follow_the_cfg_and_the_warmup(md, cfg, standardize: bool) -> None:
     cfg.AEKT.update(
         {
             "CE_WEIGHT": 0.7,
@@ -371,6 +372,7 @@ def test_losses_follow_the_cfg_and_the_warmup(md, cfg) -> None:
             "T": 2.0,
             "MAX_WEIGHT": 4.0,
             "NORMALIZE_WEIGHT": False,
+            "STANDARDIZE": standardize,
             "WARMUP": 10,
         }
     )
@@ -392,6 +394,7 @@ def test_losses_follow_the_cfg_and_the_warmup(md, cfg) -> None:
         beta=3.0,
         max_weight=4.0,
         normalize_weight=False,
+        standardize=standardize,
     )
     torch.testing.assert_close(full["loss_kd"], expected_kd, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(full["loss_ce"], 0.7 * F.cross_entropy(student_logits, target))

@@ -397,6 +397,19 @@ def test_task_losses_follow_the_spec_with_hard_targets(order):
     torch.testing.assert_close(result["loss"], 0.7 * result["task_loss"] + result["kd_loss"])
 
 
+def test_task_passes_standardize_and_a_learnable_temperature_to_the_loss():
+    temperature = nn.Parameter(torch.tensor(3.0))
+    task, student, teacher = make_task(order=None, standardize=True, temperature=temperature, beta=2.0)
+    x, y = batch()
+    result = task(x, y)
+    with torch.no_grad():
+        v = teacher.eval()(x)
+    expected = aekt_loss(result["output"], v, y, beta=2.0, standardize=True, temperature=temperature)
+    torch.testing.assert_close(result["kd_loss"], expected)
+    result["loss"].backward()
+    assert temperature.grad is not None and temperature.grad != 0 and torch.isfinite(temperature.grad)
+
+
 def test_task_takes_mixup_soft_targets():
     task, student, teacher = make_task()
     x, y = batch(n=8)

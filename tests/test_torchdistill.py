@@ -218,6 +218,20 @@ def test_batchmean_is_the_per_sample_mean_and_none_keeps_samples():
     torch.testing.assert_close(batchmean, aekt_loss(z, v, y, reduction="mean"))
 
 
+@pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
+def test_the_kernel_options_pass_through(key):
+    z, v, y = _logits(seed=7)
+    y[::3] = 255  # ignored samples, as in a segmentation mask
+    temperature = nn.Parameter(torch.tensor(3.0))
+    options = {"ignore_index": 255, "standardize": True, "temperature": temperature}
+    loss = getattr(td, key)(".", "output", ".", "output", **options)
+    value = loss({".": {"output": z}}, {".": {"output": v}}, y)
+    torch.testing.assert_close(value, CORE[key](z, v, y, **options))
+    value.backward()
+    assert temperature.grad is not None and torch.isfinite(temperature.grad)
+    assert (z.grad[::3] == 0).all() and z.grad.abs().sum() > 0
+
+
 def test_input_io_reads_the_hooked_module_input():
     z, v, y = _logits(seed=4)
     loss = td.DKDLoss("head", "input", "head", "input")
