@@ -83,6 +83,21 @@ def _dkd_weights(stats: TargetStats, *, alpha: float, beta: float) -> Weights:
     return Weights(alpha, beta)
 
 
+def _log_largest_finite(dtype: torch.dtype) -> float:
+    """The largest ``x`` whose ``exp`` is finite in ``dtype``."""
+    x = torch.tensor(math.log(torch.finfo(dtype).max), dtype=dtype)
+    while not torch.isfinite(x.exp()):
+        x = torch.nextafter(x, torch.zeros((), dtype=dtype))
+    return float(x)
+
+
+# A table made at import, so that a traced or compiled loss only looks a number up.
+_LOG_LARGEST_FINITE = {
+    dtype: _log_largest_finite(dtype)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
 def _aekt_weights(
     stats: TargetStats, *, alpha: float, beta: float, max_weight: float, normalize_weight: bool
 ) -> Weights:
@@ -94,9 +109,14 @@ def _aekt_weights(
     ratios too small for the dtype still averages to 1; ignored samples take no part in it. It is a
     stop-gradient constant (derivations, eq. (12)).
     """
-    log_ratio = stats.log_target_ratio.clamp(max=math.log(max_weight))
+    bound = math.log(max_weight)
     if not normalize_weight:
+        # A ratio beyond the dtype's range becomes its largest finite number (as in the reference), not
+        # inf, so that alpha = 0 still switches the explicit term off instead of giving 0 · inf = nan.
+        bound = min(bound, _LOG_LARGEST_FINITE.get(stats.log_target_ratio.dtype, math.inf))
+        log_ratio = stats.log_target_ratio.clamp(max=bound)
         return Weights(scale_(log_ratio.exp_(), alpha), beta)
+    log_ratio = stats.log_target_ratio.clamp(max=bound)
     if stats.keep is None:
         return Weights(scale_(torch.softmax(log_ratio, dim=-1), alpha * log_ratio.shape[-1]), beta)
     kept = stats.keep.sum(dim=-1, keepdim=True)

@@ -61,6 +61,22 @@ def test_fused_matches_reference_in_float64(name, data):
     assert_close_relative(actual_grad, expected_grad, 1e-10 * max(1.0, amplification))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alpha_zero_switches_an_overflowing_ratio_weight_off(dtype):
+    # p_t underflows, so q_t/p_t overflows the dtype: the weight is its largest finite number, and 0 times
+    # it is 0 (found by hypothesis: the fused loss gave 0 · inf = nan where the reference gives 0).
+    student = torch.tensor([[1540.9961, -293.4289]], dtype=dtype)
+    teacher = torch.tensor([[-2178.7894, 568.4313]], dtype=dtype)
+    target = torch.tensor([1])
+    options = dict(temperature=1.0, beta=0.0, max_weight=math.inf, normalize_weight=False)
+    value, grad = loss_and_grad(aekt_plugin.aekt_loss, student, teacher, target, alpha=0.0, **options)
+    assert float(value) == 0.0 and not grad.any()
+    ref_value, _ = loss_and_grad(reference.aekt_loss, student, teacher, target, alpha=0.0, **options)
+    assert float(ref_value) == 0.0
+    value, _ = loss_and_grad(aekt_plugin.aekt_loss, student, teacher, target, alpha=1.0, **options)
+    assert float(value) == math.inf  # documented: an unbounded weight can give an infinite loss
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
 @given(data=st.data())
 def test_fused_float32_matches_float64_reference(name, data):
