@@ -544,6 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a name holds a comma",
     )
     parser.add_argument("--beta", type=float, default=SMALL_PROBLEM_BETA)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="T of the main rows (default: the package's); the results go to <table>_T<T>_b<β>_* files",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report-only", action="store_true")
@@ -551,11 +557,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     stem, title = TABLES[args.table]
+    if (
+        args.temperature is not None
+    ):  # a setting chosen on the calibration grid, kept apart from the main table
+        stem += f"_T{args.temperature:g}_b{args.beta:g}"
+        title += f" at T = {args.temperature:g}, β = {args.beta:g}"
     kinds = ("search", "confirm", "calibrate", "standardize")
     suffix = args.methods if args.methods in kinds else "accuracy"
     json_path = RESULTS / f"{stem}_{suffix}.json"
     if not args.report_only:
-        main4 = main_methods(beta=args.beta)
+        main4 = main_methods(beta=args.beta, temperature=args.temperature)
         methods, groups, aliases, seeds_for = list(main4), [[m.name for m in main4]], {}, {}
         if args.methods == "all":
             abl, aliases = ablation_methods(main4[-1])

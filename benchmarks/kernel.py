@@ -10,7 +10,7 @@ Runs the kernel benchmark of :mod:`aekt_plugin.bench` (the same options as ``aek
 
 Reproduce the committed CPU figures (one pinned thread, fp32)::
 
-    .venv/bin/python benchmarks/kernel.py --device cpu --threads 1 \
+    .venv/bin/python benchmarks/kernel.py --device cpu --threads 1 --options \
         --json benchmarks/results/kernel_cpu.json --markdown benchmarks/results/kernel_cpu.md
 """
 

@@ -236,6 +236,16 @@ def test_the_calibration_grid_compares_dkd_with_kd_at_each_temperature(tiny_benc
     assert "DKD T=2 β=8 − KD T=2" in table and "DKD T=4 β=1 − KD T=4" in table
 
 
+def test_a_temperature_chosen_on_the_grid_writes_a_table_of_its_own(tiny_benchmark):
+    argv = ["--table", "digits100", "--temperature", "2", "--beta", "1", "--seeds", "2", "--no-progress"]
+    assert tiny_benchmark.main(argv) == 0
+    blob = json.loads((tiny_benchmark.RESULTS / "digits100_T2_b1_accuracy.json").read_text())
+    methods = blob["protocol"]["methods"]
+    assert methods["KD"]["temperature"] == methods["AEKT"]["temperature"] == 2.0
+    assert methods["DKD"]["beta"] == 1.0 and len(blob["runs"]) == 8
+    assert not (tiny_benchmark.RESULTS / "digits100_accuracy.json").exists()
+
+
 def test_an_unknown_candidate_is_named(tiny_benchmark, capsys):
     with pytest.raises(SystemExit):
         tiny_benchmark.main(["--table", "digits100", "--methods", "confirm", "--candidates", "AEKT γ=3"])
