@@ -16,7 +16,9 @@ class Defaults:
 
     ``temperature``, ``alpha``, ``beta``, ``ce_weight`` and ``warmup`` are DKD's CIFAR-100 settings (a
     20-epoch warm-up); ``max_weight``, ``normalize_weight`` and ``order`` were chosen by the accuracy
-    benchmark (``benchmarks/results``). On small problems and short schedules start from ``beta=2`` with a
+    benchmark (``benchmarks/results``), whose later search of AEKT's design space found no variant that
+    beats DKD on fresh seeds, so they stand; ``order=None`` because no form of the serial layer helped. On
+    small problems and short schedules start from ``beta=2`` with a
     warm-up scaled to the schedule.
 
     Read fields as attributes (``DEFAULTS.beta``); ``DEFAULTS["beta"]`` also works, read-only. To change a
