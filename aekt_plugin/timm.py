@@ -16,6 +16,8 @@ returns ``{"loss", "output", "task_loss", "kd_loss"}`` like :class:`timm.task.Lo
     kd_loss   = min(progress / warmup_epochs, 1) · L_AEKT(z_kd, v, y)      # T² inside L_AEKT
     loss      = ce_weight · task_loss + kd_loss
 
+:class:`DKDDistillationTask` is the same task with DKD's loss, so the two can be compared in one script.
+
 Importing this module imports timm (>= 1.0.23, the first release with ``timm.task``);
 ``import aekt_plugin`` alone never does.
 """
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import DEFAULTS, aekt_loss
+from . import DEFAULTS, aekt_loss, dkd_loss
 from ._validation import check_bool, check_order, warn_if_probabilities
 from .serial import KDWarmup, SerialStudent
 
@@ -68,7 +70,7 @@ except ImportError:  # timm 1.0.23 - 1.0.28: plain cross-entropy, or the criteri
 # timm 1.0.23 - 1.0.24 build a DistillationTeacher from a model name only; 1.0.25 takes a module too.
 _TEACHER_TAKES_MODULE = "model_name_or_module" in inspect.signature(DistillationTeacher.__init__).parameters
 
-__all__ = ["AEKTDistillationTask", "AEKTStudent", "create_student"]
+__all__ = ["AEKTDistillationTask", "AEKTStudent", "DKDDistillationTask", "create_student"]
 
 _logger = logging.getLogger(__name__)
 
@@ -385,87 +387,32 @@ def _cfg_stat(model: nn.Module, key: str, default: tuple[float, ...]) -> tuple[f
     return tuple(cfg.get(key, default))
 
 
-class AEKTDistillationTask(TrainingTask):
-    r"""AEKT logit distillation as a timm training task (a drop-in for ``LogitDistillationTask``).
+class _DecoupledDistillationTask(TrainingTask):
+    """What the decoupled-family timm tasks share: teacher, criterion, warm-up clock, timm plumbing.
 
-    Per batch, with ``(z_cls, z_kd)`` from the student (an :class:`AEKTStudent`, or any timm classifier,
-    for which ``z_cls = z_kd``) and ``v`` the teacher's logits::
-
-        task_loss = criterion(z_cls, target)
-        kd_loss   = min(progress / warmup_epochs, 1) · T²·(α·min(q_t/p_t, w_max)·TCKD + β·NCKD)(z_kd, v)
-        loss      = ce_weight · task_loss + kd_loss
-
-    Hard targets ``(B,)`` and timm mixup/cutmix soft targets ``(B, C)`` both work: the default criterion
-    (``nn.CrossEntropyLoss``, via timm's ``create_classification_loss``) takes either, and AEKT
-    decomposes around the argmax class of a soft target.
-
-    **Warm-up clock.** ``progress`` is in epochs. With ``updates_per_epoch`` it counts optimizer updates
-    (``num_updates / updates_per_epoch``, linear from 0, which small problems need): timm's
-    ``train.py`` calls ``task.update_ema(step=num_updates)`` after every optimizer step, which sets the
-    count exactly (gradient accumulation and resumed runs included); loops that do not are counted one
-    update per training-mode forward, or can call :meth:`step_update`. Without ``updates_per_epoch`` it
-    counts epochs: call :meth:`set_epoch` with timm's 0-based epoch before each one (``progress =
-    epoch + 1``, mdistiller's ``min(epoch / warmup, 1)``). Training with neither clock raises.
-
-    The teacher (a module, a :class:`timm.task.DistillationTeacher` or a timm model name) is kept in eval
-    mode and never receives gradients; inputs are renormalised from the student's ``pretrained_cfg``
-    mean/std to the teacher's, as in timm's distillation tasks.
-
-    Args:
-        student_model: the student, ideally ``AEKTStudent(model)``; its distilled training is switched on.
-        teacher_model: teacher module, ``DistillationTeacher``, or timm model name (``num_classes`` and
-            ``in_chans`` are taken from the student; weights from ``teacher_pretrained_path`` or timm's hub).
-        criterion: task loss on ``z_cls``; created by ``create_classification_loss(**criterion_kwargs)``
-            when ``None``.
-        criterion_kwargs: arguments for ``create_classification_loss`` when ``criterion`` is ``None``.
-        teacher_pretrained_path: local weights for a teacher given by name.
-        teacher_pretrained_cfg_overlay: pretrained cfg overrides for a teacher given by name.
-        temperature, alpha, beta, max_weight, normalize_weight, standardize: the AEKT loss
-            (:func:`aekt_plugin.aekt_loss`); defaults from ``aekt_plugin.DEFAULTS``. A 0-d temperature
-            tensor that requires grad (a learnable temperature) receives ``dL/dT``; give it to the
-            optimizer yourself.
-        ce_weight: weight of the task loss (timm's ``task_loss_weight``).
-        warmup_epochs: epochs over which ``kd_loss`` ramps up linearly; ``0`` disables the warm-up.
-        updates_per_epoch: optimizer updates per epoch; turns on the optimizer-step clock.
-        validate_args: value checks in the loss (see :func:`aekt_plugin.aekt_loss`); ``False`` for AMP.
-        device, dtype, verbose: as in timm's tasks.
-
-    Examples:
-        ```python
-        student = AEKTStudent(timm.create_model("resnet18", num_classes=100), order="cls_kd")
-        task = AEKTDistillationTask(student, teacher, beta=2.0, updates_per_epoch=len(loader))
-        optimizer = timm.optim.create_optimizer_v2(task.get_trainable_module(), "adamw", lr=1e-3)
-        for input, target in loader:
-            result = task(input, target)
-            optimizer.zero_grad()
-            result["loss"].backward()
-            optimizer.step()
-        deployable = student.fold()
-        ```
+    A subclass names its loss (``loss_function``, called as ``loss_function(z_kd, v, target,
+    validate_args=..., **loss_kwargs)``) and spells out its options in its own signature.
     """
+
+    loss_function: Callable[..., Tensor]
 
     def __init__(
         self,
         student_model: nn.Module,
         teacher_model: str | nn.Module | DistillationTeacher,
-        criterion: nn.Module | Callable | None = None,
-        criterion_kwargs: dict[str, Any] | None = None,
-        teacher_pretrained_path: str | None = None,
-        teacher_pretrained_cfg_overlay: dict[str, Any] | None = None,
+        criterion: nn.Module | Callable | None,
+        criterion_kwargs: dict[str, Any] | None,
+        teacher_pretrained_path: str | None,
+        teacher_pretrained_cfg_overlay: dict[str, Any] | None,
         *,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        alpha: float = DEFAULTS.alpha,
-        beta: float = DEFAULTS.beta,
-        max_weight: float = DEFAULTS.max_weight,
-        normalize_weight: bool = DEFAULTS.normalize_weight,
-        standardize: bool = False,
-        ce_weight: float = DEFAULTS.ce_weight,
-        warmup_epochs: float = DEFAULTS.warmup,
-        updates_per_epoch: int | None = None,
-        validate_args: bool = True,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        verbose: bool = True,
+        loss_kwargs: dict[str, Any],
+        ce_weight: float,
+        warmup_epochs: float,
+        updates_per_epoch: int | None,
+        validate_args: bool,
+        device: torch.device | None,
+        dtype: torch.dtype | None,
+        verbose: bool,
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(student_model, nn.Module):
@@ -473,17 +420,10 @@ class AEKTDistillationTask(TrainingTask):
         student = unwrap_model(student_model)
         if not isinstance(student, AEKTStudent):
             _check_timm_classifier(student)
-        self.loss_kwargs = dict(
-            temperature=temperature,
-            alpha=alpha,
-            beta=beta,
-            max_weight=max_weight,
-            normalize_weight=normalize_weight,
-            standardize=standardize,
-        )
+        self.loss_kwargs = dict(loss_kwargs)
         # Check the loss options now, not at the first batch: one call on a dummy batch.
         with torch.no_grad():
-            aekt_loss(
+            self.loss_function(
                 torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), **self.loss_kwargs
             )
         for name, value in (("ce_weight", ce_weight), ("warmup_epochs", warmup_epochs)):
@@ -534,7 +474,7 @@ class AEKTDistillationTask(TrainingTask):
                 else "epochs (call set_epoch)"
             )
             _logger.info(
-                f"AEKTDistillationTask: order={getattr(student, 'order', None)!r}, {self.loss_kwargs}, "
+                f"{type(self).__name__}: order={getattr(student, 'order', None)!r}, {self.loss_kwargs}, "
                 f"ce_weight={self.ce_weight}, warmup_epochs={self.warmup_epochs} counted in {clock}"
             )
 
@@ -615,8 +555,8 @@ class AEKTDistillationTask(TrainingTask):
             return self.kd_clock.factor
         except RuntimeError:
             raise RuntimeError(
-                "AEKTDistillationTask has no warm-up clock: pass updates_per_epoch=len(loader) (the warm-up "
-                "then follows optimizer updates), call task.set_epoch(epoch) before each epoch, "
+                f"{type(self).__name__} has no warm-up clock: pass updates_per_epoch=len(loader) "
+                "(the warm-up then follows optimizer updates), call task.set_epoch(epoch) before each epoch, "
                 "or pass warmup_epochs=0"
             ) from None
 
@@ -649,13 +589,15 @@ class AEKTDistillationTask(TrainingTask):
         self.kd_clock.load_state_dict(clock, strict=strict)
 
     # --- timm task plumbing ------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> AEKTDistillationTask:
+    def train(self, mode: bool = True) -> _DecoupledDistillationTask:
         """Set training mode while keeping the teacher in eval mode."""
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> AEKTDistillationTask:
+    def prepare_distributed(
+        self, device_ids: list | None = None, **ddp_kwargs: Any
+    ) -> _DecoupledDistillationTask:
         """Wrap the student (with its serial layer) in DDP; the frozen teacher stays unwrapped."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -755,7 +697,7 @@ class AEKTDistillationTask(TrainingTask):
             warn_if_probabilities("the task's teacher logits", teacher_logits)
             self._teacher_checked = True
 
-        kd_loss = warm * aekt_loss(
+        kd_loss = warm * self.loss_function(
             z_kd, teacher_logits, target, validate_args=self.validate_args, **self.loss_kwargs
         )
         if counting:
@@ -766,3 +708,165 @@ class AEKTDistillationTask(TrainingTask):
             "task_loss": task_loss,
             "kd_loss": kd_loss,
         }
+
+
+class AEKTDistillationTask(_DecoupledDistillationTask):
+    r"""AEKT logit distillation as a timm training task (a drop-in for ``LogitDistillationTask``).
+
+    Per batch, with ``(z_cls, z_kd)`` from the student (an :class:`AEKTStudent`, or any timm classifier,
+    for which ``z_cls = z_kd``) and ``v`` the teacher's logits::
+
+        task_loss = criterion(z_cls, target)
+        kd_loss   = min(progress / warmup_epochs, 1) · T²·(α·min(q_t/p_t, w_max)·TCKD + β·NCKD)(z_kd, v)
+        loss      = ce_weight · task_loss + kd_loss
+
+    Hard targets ``(B,)`` and timm mixup/cutmix soft targets ``(B, C)`` both work: the default criterion
+    (``nn.CrossEntropyLoss``, via timm's ``create_classification_loss``) takes either, and AEKT
+    decomposes around the argmax class of a soft target.
+
+    **Warm-up clock.** ``progress`` is in epochs. With ``updates_per_epoch`` it counts optimizer updates
+    (``num_updates / updates_per_epoch``, linear from 0, which small problems need): timm's
+    ``train.py`` calls ``task.update_ema(step=num_updates)`` after every optimizer step, which sets the
+    count exactly (gradient accumulation and resumed runs included); loops that do not are counted one
+    update per training-mode forward, or can call :meth:`step_update`. Without ``updates_per_epoch`` it
+    counts epochs: call :meth:`set_epoch` with timm's 0-based epoch before each one (``progress =
+    epoch + 1``, mdistiller's ``min(epoch / warmup, 1)``). Training with neither clock raises.
+
+    The teacher (a module, a :class:`timm.task.DistillationTeacher` or a timm model name) is kept in eval
+    mode and never receives gradients; inputs are renormalised from the student's ``pretrained_cfg``
+    mean/std to the teacher's, as in timm's distillation tasks.
+
+    Args:
+        student_model: the student, ideally ``AEKTStudent(model)``; its distilled training is switched on.
+        teacher_model: teacher module, ``DistillationTeacher``, or timm model name (``num_classes`` and
+            ``in_chans`` are taken from the student; weights from ``teacher_pretrained_path`` or timm's hub).
+        criterion: task loss on ``z_cls``; created by ``create_classification_loss(**criterion_kwargs)``
+            when ``None``.
+        criterion_kwargs: arguments for ``create_classification_loss`` when ``criterion`` is ``None``.
+        teacher_pretrained_path: local weights for a teacher given by name.
+        teacher_pretrained_cfg_overlay: pretrained cfg overrides for a teacher given by name.
+        temperature, alpha, beta, max_weight, normalize_weight, standardize: the AEKT loss
+            (:func:`aekt_plugin.aekt_loss`); defaults from ``aekt_plugin.DEFAULTS``. A 0-d temperature
+            tensor that requires grad (a learnable temperature) receives ``dL/dT``; give it to the
+            optimizer yourself.
+        ce_weight: weight of the task loss (timm's ``task_loss_weight``).
+        warmup_epochs: epochs over which ``kd_loss`` ramps up linearly; ``0`` disables the warm-up.
+        updates_per_epoch: optimizer updates per epoch; turns on the optimizer-step clock.
+        validate_args: value checks in the loss (see :func:`aekt_plugin.aekt_loss`); ``False`` for AMP.
+        device, dtype, verbose: as in timm's tasks.
+
+    Examples:
+        ```python
+        student = AEKTStudent(timm.create_model("resnet18", num_classes=100), order="cls_kd")
+        task = AEKTDistillationTask(student, teacher, beta=2.0, updates_per_epoch=len(loader))
+        optimizer = timm.optim.create_optimizer_v2(task.get_trainable_module(), "adamw", lr=1e-3)
+        for input, target in loader:
+            result = task(input, target)
+            optimizer.zero_grad()
+            result["loss"].backward()
+            optimizer.step()
+        deployable = student.fold()
+        ```
+    """
+
+    loss_function = staticmethod(aekt_loss)
+
+    def __init__(
+        self,
+        student_model: nn.Module,
+        teacher_model: str | nn.Module | DistillationTeacher,
+        criterion: nn.Module | Callable | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        teacher_pretrained_path: str | None = None,
+        teacher_pretrained_cfg_overlay: dict[str, Any] | None = None,
+        *,
+        temperature: float | Tensor = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        beta: float = DEFAULTS.beta,
+        max_weight: float = DEFAULTS.max_weight,
+        normalize_weight: bool = DEFAULTS.normalize_weight,
+        standardize: bool = False,
+        ce_weight: float = DEFAULTS.ce_weight,
+        warmup_epochs: float = DEFAULTS.warmup,
+        updates_per_epoch: int | None = None,
+        validate_args: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            student_model,
+            teacher_model,
+            criterion,
+            criterion_kwargs,
+            teacher_pretrained_path,
+            teacher_pretrained_cfg_overlay,
+            loss_kwargs=dict(
+                temperature=temperature,
+                alpha=alpha,
+                beta=beta,
+                max_weight=max_weight,
+                normalize_weight=normalize_weight,
+                standardize=standardize,
+            ),
+            ce_weight=ce_weight,
+            warmup_epochs=warmup_epochs,
+            updates_per_epoch=updates_per_epoch,
+            validate_args=validate_args,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
+
+
+class DKDDistillationTask(_DecoupledDistillationTask):
+    r"""Decoupled KD (Zhao et al., CVPR 2022) as a timm training task: :class:`AEKTDistillationTask` with
+    the explicit term unweighted, for a like-for-like comparison in the same training script::
+
+        kd_loss = min(progress / warmup_epochs, 1) · T²·(α·TCKD + β·NCKD)(z_kd, v)
+
+    (:func:`aekt_plugin.dkd_loss`: the family (D1) of ``docs/derivations.md`` with a constant weight).
+    Arguments, warm-up clock, teacher handling, returned keys and an optional :class:`AEKTStudent` serial
+    layer are those of :class:`AEKTDistillationTask`, without AEKT's ``max_weight`` and
+    ``normalize_weight``.
+    """
+
+    loss_function = staticmethod(dkd_loss)
+
+    def __init__(
+        self,
+        student_model: nn.Module,
+        teacher_model: str | nn.Module | DistillationTeacher,
+        criterion: nn.Module | Callable | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        teacher_pretrained_path: str | None = None,
+        teacher_pretrained_cfg_overlay: dict[str, Any] | None = None,
+        *,
+        temperature: float | Tensor = DEFAULTS.temperature,
+        alpha: float = DEFAULTS.alpha,
+        beta: float = DEFAULTS.beta,
+        standardize: bool = False,
+        ce_weight: float = DEFAULTS.ce_weight,
+        warmup_epochs: float = DEFAULTS.warmup,
+        updates_per_epoch: int | None = None,
+        validate_args: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(
+            student_model,
+            teacher_model,
+            criterion,
+            criterion_kwargs,
+            teacher_pretrained_path,
+            teacher_pretrained_cfg_overlay,
+            loss_kwargs=dict(temperature=temperature, alpha=alpha, beta=beta, standardize=standardize),
+            ce_weight=ce_weight,
+            warmup_epochs=warmup_epochs,
+            updates_per_epoch=updates_per_epoch,
+            validate_args=validate_args,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )

@@ -6,7 +6,8 @@ IDX files with numpy) or with scikit-learn (``--dataset digits``):
 
 1. train the teacher with ``timm.task.ClassificationTask``;
 2. train the student with ``aekt_plugin.timm.AEKTDistillationTask`` -- the two lines that differ from
-   timm's ``LogitDistillationTask`` are marked below (``--compare`` trains that baseline too);
+   timm's ``LogitDistillationTask`` are marked below (``--compare`` also trains KD with that task and DKD
+   with ``DKDDistillationTask``, from the same initial weights);
 3. fold the serial layer into the student's classifier and check the deployable model's accuracy.
 
 Optimiser and schedule come from ``timm.optim.create_optimizer_v2`` and ``timm.scheduler.create_scheduler_v2``
@@ -39,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import aekt_plugin
-from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent
+from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, DKDDistillationTask
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -153,7 +154,7 @@ def train(task, model, loader, args, epochs: int, desc: str, mixup: Mixup | None
             postfix = {"loss": f"{losses.avg:.3f}", "lr": f"{optimizer.param_groups[0]['lr']:.1e}"}
             if "kd_loss" in result:
                 postfix["kd"] = f"{result['kd_loss'].item():.3f}"
-            if isinstance(task, AEKTDistillationTask):
+            if isinstance(task, (AEKTDistillationTask, DKDDistillationTask)):
                 postfix["warm"] = f"{task.kd_warmup:.2f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update()
@@ -184,7 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=2.0, help="NCKD weight; 2 is safe on small problems")
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="KD warm-up, counted in updates")
     parser.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (soft targets) if > 0")
-    parser.add_argument("--compare", action="store_true", help="also train timm's LogitDistillationTask")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train timm's LogitDistillationTask (KD) and DKDDistillationTask from the same weights",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -241,6 +246,19 @@ def main(argv: list[str] | None = None) -> None:
         )
         train(kd_task, baseline, loader, args, args.epochs, "KD student (timm)", mixup)
         results["KD student (timm LogitDistillationTask)"] = evaluate(baseline, x_te, y_te)
+        dkd_model = make_student(args, stats)
+        dkd_model.load_state_dict(student_state)
+        dkd_task = DKDDistillationTask(  # AEKT's task with DKD's loss: same options, same warm-up clock
+            dkd_model,
+            task.teacher,
+            temperature=args.temperature,
+            beta=args.beta,
+            warmup_epochs=args.warmup_epochs,
+            updates_per_epoch=len(loader),
+            verbose=False,
+        )
+        train(dkd_task, dkd_model, loader, args, args.epochs, "DKD student", mixup)
+        results["DKD student (DKDDistillationTask)"] = evaluate(dkd_model, x_te, y_te)
 
     width = max(map(len, results))
     print(f"\n{'model':<{width}}  test top-1 (%)")

@@ -20,8 +20,8 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.task import DistillationTeacher, TrainingTask  # noqa: E402
 
 import aekt_plugin  # noqa: E402
-from aekt_plugin import aekt_loss  # noqa: E402
-from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, create_student  # noqa: E402
+from aekt_plugin import aekt_loss, dkd_loss  # noqa: E402
+from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, DKDDistillationTask, create_student  # noqa: E402
 
 torch.set_num_threads(1)
 # Task checkpoints and EMA arrived in timm 1.0.27; the rest of this file runs on every timm >= 1.0.23.
@@ -352,11 +352,14 @@ def test_bad_teacher_type_is_refused():
 
 
 # --- AEKTDistillationTask ------------------------------------------------------------------------------
-def make_task(order="kd_cls", **kwargs):
+TASK_LOSSES = [(AEKTDistillationTask, aekt_loss), (DKDDistillationTask, dkd_loss)]
+
+
+def make_task(order="kd_cls", task_class=AEKTDistillationTask, **kwargs):
     student = AEKTStudent(make_model("resnet", seed=0), order=order)
     teacher = make_model("resnet", seed=1)
     kwargs.setdefault("warmup_epochs", 0)
-    task = AEKTDistillationTask(student, teacher, verbose=False, **kwargs)
+    task = task_class(student, teacher, verbose=False, **kwargs)
     return task, student, teacher
 
 
@@ -375,9 +378,10 @@ def test_task_is_a_timm_training_task_with_timm_keys():
     assert result["output"].shape == (6, NUM_CLASSES)
 
 
+@pytest.mark.parametrize("task_class, loss_function", TASK_LOSSES)
 @pytest.mark.parametrize("order", ORDERS + [None])
-def test_task_losses_follow_the_spec_with_hard_targets(order):
-    task, student, teacher = make_task(order=order, ce_weight=0.7, beta=2.0)
+def test_task_losses_follow_the_spec_with_hard_targets(order, task_class, loss_function):
+    task, student, teacher = make_task(order=order, task_class=task_class, ce_weight=0.7, beta=2.0)
     if order is not None:
         perturb_serial(student)
     x, y = batch()
@@ -393,8 +397,41 @@ def test_task_losses_follow_the_spec_with_hard_targets(order):
     with torch.no_grad():
         v = teacher.eval()(x)
     torch.testing.assert_close(result["task_loss"], F.cross_entropy(z_cls, y))
-    torch.testing.assert_close(result["kd_loss"], aekt_loss(z_kd, v, y, beta=2.0))
+    torch.testing.assert_close(result["kd_loss"], loss_function(z_kd, v, y, beta=2.0))
     torch.testing.assert_close(result["loss"], 0.7 * result["task_loss"] + result["kd_loss"])
+
+
+def test_dkd_task_differs_from_the_aekt_task_only_by_the_ratio_weight():
+    x, y = batch()
+    aekt_task, _, _ = make_task(order=None, max_weight=math.inf, normalize_weight=False)
+    dkd_task, _, teacher = make_task(order=None, task_class=DKDDistillationTask)
+    with torch.no_grad():
+        v = teacher.eval()(x)
+        aekt_result, dkd_result = aekt_task(x, y), dkd_task(x, y)
+    torch.testing.assert_close(aekt_result["task_loss"], dkd_result["task_loss"])
+    assert not torch.allclose(aekt_result["kd_loss"], dkd_result["kd_loss"])
+    z = dkd_result["output"]
+    assert dkd_task.loss_kwargs == dict(
+        temperature=aekt_plugin.DEFAULTS.temperature,
+        alpha=aekt_plugin.DEFAULTS.alpha,
+        beta=aekt_plugin.DEFAULTS.beta,
+        standardize=False,
+    )
+    torch.testing.assert_close(dkd_result["kd_loss"], dkd_loss(z, v, y))
+
+
+@pytest.mark.parametrize("option", ["max_weight", "normalize_weight"])
+def test_dkd_task_has_no_aekt_weight_options(option):
+    with pytest.raises(TypeError, match=option):
+        make_task(task_class=DKDDistillationTask, **{option: 1.0})
+
+
+def test_dkd_task_refuses_bad_options_and_names_itself_without_a_clock():
+    with pytest.raises(ValueError, match="beta"):
+        make_task(task_class=DKDDistillationTask, beta=-1.0)
+    task, _, _ = make_task(task_class=DKDDistillationTask, warmup_epochs=2)
+    with pytest.raises(RuntimeError, match="DKDDistillationTask has no warm-up clock"):
+        task(*batch())
 
 
 def test_task_passes_standardize_and_a_learnable_temperature_to_the_loss():
@@ -682,6 +719,7 @@ def test_example_script_runs_end_to_end(capsys):
         "AEKT student (kd_cls)",
         "AEKT student, folded",
         "KD student (timm LogitDistillationTask)",
+        "DKD student (DKDDistillationTask)",
     }
     # the wiring, end to end (one epoch learns little; test_short_training_run_learns_real_data covers that)
     assert rows["AEKT student, folded"] == rows["AEKT student (kd_cls)"]
@@ -705,7 +743,7 @@ def test_a_compiled_task_does_not_recompile_as_the_warmup_advances():
         result["loss"].backward()
         task.update_ema(step=step + 1)
         factors.append(
-            float(result["kd_loss"])
+            float(result["kd_loss"].detach())
             / float(aekt_plugin.aekt_loss(result["output"].detach(), task.teacher(x), y, **task.loss_kwargs))
         )
     # Two one-time switches (the first update_ema, the first teacher check) may compile once each; after
