@@ -7,7 +7,9 @@ Tables (``--table``), each a protocol whose students differ only in the loss:
 * ``fashion-mnist`` and ``digits``: 10-class secondary tables;
 * ``paperlike-<digits100|fmnist100>-<cnn|mobile>``: the paper-like protocol of ``protocols.py`` (a
   teacher that fits its training split, augmentation with the teacher's logits on the augmented view,
-  30 epochs), with a plain and a MobileNet-style student.
+  30 epochs), with a plain and a MobileNet-style student; ``paperlike-digits100-timm``: a timm ResNet
+  student whose every row trains through a timm task (``timm_family.py``: timm's own
+  ``ClassificationTask`` and ``LogitDistillationTask``, this package's DKD and AEKT tasks).
 
 Method groups (``--methods``):
 
@@ -56,7 +58,7 @@ from aekt_plugin.demo.protocol import SETTINGS, prepare  # noqa: E402
 from aekt_plugin.demo.report import format_table, plot_results, read_results  # noqa: E402
 from aekt_plugin.demo.run import SMALL_PROBLEM_BETA, _parse_seeds, main_methods, run_table  # noqa: E402
 from aekt_plugin.demo.stats import paired_difference  # noqa: E402
-from aekt_plugin.demo.train import MethodConfig  # noqa: E402
+from aekt_plugin.demo.train import MethodConfig, core_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TABLES = {  # --table -> (file stem, title)
@@ -68,6 +70,10 @@ TABLES = {  # --table -> (file stem, title)
     "paperlike-digits100-mobile": (
         "paperlike_digits100_mobile",
         "Paper-like digits-100, MobileNet-style student",
+    ),
+    "paperlike-digits100-timm": (
+        "paperlike_digits100_timm",
+        "Paper-like digits-100, timm ResNet student trained through timm's tasks",
     ),
     "paperlike-fmnist100-cnn": ("paperlike_fmnist100_cnn", "Paper-like Fashion-MNIST-100, plain CNN student"),
     "paperlike-fmnist100-mobile": (
@@ -615,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seeds_for=seeds_for,
             groups=groups,
             batches=batches,
+            step_factory=getattr(prepared, "step_factory", None) or core_step,
             protocol_extra={
                 "aliases": aliases,
                 "command": "python benchmarks/accuracy.py "

@@ -14,8 +14,9 @@ module builds a protocol closer to that regime from data this machine has:
 * **teacher logits on the augmented batch**: the teacher's logits are computed once for ``views`` fixed
   augmented copies of every training example (:class:`TeacherViews`); each student step draws one view
   per example, and the student sees exactly the augmented image the teacher's logits belong to;
-* **students of two families**: a plain CNN and a depthwise-separable, MobileNet-style CNN
-  (:class:`MobileCNN`), with SGD, cosine decay, 30 epochs.
+* **students of three families**: a plain CNN and a depthwise-separable, MobileNet-style CNN
+  (:class:`MobileCNN`), with SGD, cosine decay, 30 epochs; on digits-100 also a timm ResNet trained through
+  timm's task API (``timm_family.py``).
 
 Nothing here is part of the installed package; it extends :mod:`aekt_plugin.demo`'s training loop through
 its ``batches`` hook and model registry.
@@ -32,12 +33,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm_family import TIMM_RESNET, timm_resnet, timm_step_factory
 from torch import Tensor, nn
 
 from aekt_plugin.demo.data import Splits, load_dataset
 from aekt_plugin.demo.models import SmallCNN, register_model
 from aekt_plugin.demo.protocol import Prepared, Setting
-from aekt_plugin.demo.train import BatchFn, TrainConfig, cache_dir, get_teacher, predict_logits
+from aekt_plugin.demo.train import BatchFn, StepFactory, TrainConfig, cache_dir, get_teacher, predict_logits
 
 __all__ = [
     "PAPERLIKE",
@@ -222,6 +224,7 @@ register_model(
     "paperlike-digits-mobile",
     lambda in_chans, num_classes: MobileCNN(in_chans, num_classes, widths=(8, 16, 32, 32), pool=(2, 4)),
 )
+register_model(TIMM_RESNET, timm_resnet)
 
 
 # --------------------------------------------------------------------------------------------- the protocol
@@ -295,15 +298,20 @@ PAPERLIKE = {
             "mobile": TrainConfig(
                 model="paperlike-digits-mobile", epochs=30, batch_size=128, lr=0.05, warmup_epochs=1
             ),
+            # trained through timm's tasks (timm_family.py); no warm-up, as timm's LogitDistillationTask
+            "timm": TrainConfig(model=TIMM_RESNET, epochs=30, batch_size=128, lr=0.05, warmup_epochs=0),
         },
     ),
 }
+STEP_FACTORIES = {"timm": timm_step_factory}
+"""Families whose students train through a toolkit's task: family -> (teacher -> step factory)."""
 
 
 @dataclass
 class PreparedPaperlike(Prepared):
     paperlike: PaperlikeSetting = field(default_factory=PaperlikeSetting)
     views: TeacherViews | None = None
+    step_factory: StepFactory | None = None
 
     def batches(self, seed: int) -> BatchFn:
         assert self.views is not None
@@ -343,4 +351,5 @@ def prepare_paperlike(dataset: str, family: str, *, progress: bool = True) -> Pr
         views_accuracy=views.accuracy(data.y_train),
         mean_q_t={f"T={t:g}": views.target_probability(data.y_train, t) for t in (1.0, 4.0)},
     )
-    return PreparedPaperlike(base, data, teacher, info, views.logits[0], setting, views)
+    factory = STEP_FACTORIES[family](teacher) if family in STEP_FACTORIES else None
+    return PreparedPaperlike(base, data, teacher, info, views.logits[0], setting, views, factory)

@@ -123,7 +123,11 @@ def tiny_benchmark(accuracy, tiny_demo, tmp_path, monkeypatch):
             data={"n_train": 300, "n_val": 50, "n_test": 200, "seed": 0},
             views=2,
             teacher=replace(setting.teacher, model="tiny", epochs=2),
-            students={"cnn": tiny_train, "mobile": tiny_train},
+            students={
+                "cnn": tiny_train,
+                "mobile": tiny_train,
+                "timm": replace(setting.students["timm"], epochs=1),
+            },
         ),
     )
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
@@ -250,3 +254,54 @@ def test_an_unknown_candidate_is_named(tiny_benchmark, capsys):
     with pytest.raises(SystemExit):
         tiny_benchmark.main(["--table", "digits100", "--methods", "confirm", "--candidates", "AEKT γ=3"])
     assert "AEKT γ=3" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- the timm family: every row through a timm task
+@pytest.mark.parametrize("loss", ["ce", "kd", "dkd", "aekt"])
+def test_a_timm_family_step_computes_the_core_loss_through_the_task(accuracy, loss):
+    import timm_family
+
+    torch.manual_seed(0)
+    teacher, student = timm_family.timm_resnet(1, 10).eval(), timm_family.timm_resnet(1, 10)
+    method = MethodConfig("m", loss=loss, temperature=2.0, beta=3.0, ce_weight=0.5)
+    model, step = timm_family.timm_step_factory(teacher)(student, method, 10, 5, 0.0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 16, generator=gen), torch.randint(10, (6,), generator=gen)
+    with torch.no_grad():
+        v = teacher(x)
+    model.train()
+    losses = step(x, y, v)
+    z = student(x)  # training-mode BatchNorm reads the batch only: the same logits as in the step
+    core = method.loss_fn()
+    expected_kd = torch.zeros(()) if core is None else core(z, v, y)
+    expected_ce = torch.nn.functional.cross_entropy(z, y) * (1.0 if loss == "ce" else 0.5)
+    torch.testing.assert_close(losses["loss_ce"], expected_ce)
+    torch.testing.assert_close(losses["loss_kd"], expected_kd)
+    torch.testing.assert_close(losses["loss"], expected_ce + expected_kd)
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters()) and teacher.conv1.weight.grad is None
+
+
+def test_the_timm_family_refuses_what_its_tasks_cannot_run(accuracy):
+    import timm_family
+    from variants import VariantMethod
+
+    factory = timm_family.timm_step_factory(timm_family.timm_resnet(1, 10))
+    for method, match in [
+        (VariantMethod("g", gamma=2.0), "gamma=2.0"),
+        (MethodConfig("s", loss="kd", standardize=True), "standardize"),
+        (MethodConfig("w", loss="dkd", kd_weight=9.0), "kd_weight"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            factory(timm_family.timm_resnet(1, 10), method, 10, 5, 0.0)
+    model, _ = factory(timm_family.timm_resnet(1, 10), VariantMethod("default"), 10, 5, 0.0)
+    assert model.get_classifier().out_features == 10  # the default variant is plain AEKT: accepted
+
+
+def test_a_timm_family_table_runs_through_the_tasks(tiny_benchmark):
+    argv = ["--table", "paperlike-digits100-timm", "--seeds", "1", "--no-progress"]
+    assert tiny_benchmark.main(argv) == 0
+    blob = json.loads((tiny_benchmark.RESULTS / "paperlike_digits100_timm_accuracy.json").read_text())
+    assert sorted(r["method"] for r in blob["runs"]) == ["AEKT", "CE", "DKD", "KD"]
+    assert {r["params"] for r in blob["runs"]} == {28444}  # timm's ResNet, not the demo's CNN
+    assert blob["protocol"]["student"]["warmup_epochs"] == 0

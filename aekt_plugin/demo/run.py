@@ -18,7 +18,7 @@ import torch
 from ._deps import require
 from .protocol import SETTINGS, Prepared, Setting, prepare
 from .report import format_table, plot_results, read_results, write_results
-from .train import BatchFn, MethodConfig, train_student
+from .train import BatchFn, MethodConfig, StepFactory, core_step, train_student
 
 __all__ = ["add_demo_arguments", "main_methods", "package_defaults", "run_demo", "run_table"]
 
@@ -104,12 +104,14 @@ def run_table(
     protocol_extra: Mapping[str, Any] | None = None,
     record_extra: Mapping[str, Any] | None = None,
     batches: Callable[[int], BatchFn] | None = None,
+    step_factory: StepFactory = core_step,
 ) -> list[dict[str, Any]]:
     """Train every (method, seed) student; returns the run records.
 
     ``batches(seed)``, when given, supplies each run's training batches (see
     :func:`~aekt_plugin.demo.train.train_student`); ``record_extra`` is added to every new run's record
-    (e.g. the source revision it ran on).
+    (e.g. the source revision it ran on); ``step_factory`` is passed to ``train_student`` (a step through
+    a toolkit's training task, say).
 
     With ``json_path`` the results file is rewritten after every run; with ``resume`` the runs already in
     it (same method name and seed) are kept instead of rerun. ``seeds_for`` overrides the seeds of some
@@ -152,6 +154,7 @@ def run_table(
             progress=progress,
             desc=f"{method.name} s{seed}",
             batches=None if batches is None else batches(seed),
+            step_factory=step_factory,
         )
         rec.update(record_extra or {})
         runs.append(rec)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,10 @@ from .models import count_parameters, make_model
 __all__ = [
     "MethodConfig",
     "TrainConfig",
+    "StepFactory",
+    "TrainStep",
     "cache_dir",
+    "core_step",
     "evaluate",
     "fixed_batches",
     "get_teacher",
@@ -287,6 +290,41 @@ def fixed_batches(x: torch.Tensor, teacher_logits: torch.Tensor | None) -> Batch
     return batches
 
 
+class TrainStep(Protocol):
+    """One training step's forward: ``{"loss", "loss_ce", "loss_kd"}`` (``loss = loss_ce + loss_kd``, each
+    term with its weight) for inputs ``x``, targets ``y`` and the teacher's logits on ``x``."""
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]: ...
+
+
+StepFactory = Callable[["nn.Module", MethodConfig, int, int, float], tuple[nn.Module, TrainStep]]
+"""``(student, method, num_classes, steps_per_epoch, warmup_epochs) -> (trained module, step)``."""
+
+
+def core_step(
+    student: nn.Module, method: MethodConfig, num_classes: int, steps_per_epoch: int, warmup_epochs: float
+) -> tuple[nn.Module, TrainStep]:
+    """The demo's step: the core loss of ``method`` on ``SerialStudent(student, order).split(x)``, the
+    distillation term warmed up by a :class:`~aekt_plugin.serial.KDWarmup` over optimiser steps."""
+    model = method.build(student, num_classes)
+    loss_fn = method.loss_fn()
+    warmup = KDWarmup(steps=warmup_epochs * steps_per_epoch)
+    no_kd = torch.zeros(())
+
+    def step(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        z_cls, z_kd = model.split(x)
+        loss_ce = method.ce_weight * F.cross_entropy(z_cls, y)
+        if loss_fn is None:
+            return {"loss": loss_ce, "loss_ce": loss_ce, "loss_kd": no_kd}
+        loss_kd = warmup.factor * loss_fn(z_kd, v, y)
+        warmup.step()  # one step per training forward = per optimiser step in this loop
+        return {"loss": loss_ce + loss_kd, "loss_ce": loss_ce, "loss_kd": loss_kd}
+
+    return model, step
+
+
 def train_student(
     data: Splits,
     teacher_logits: torch.Tensor | None,
@@ -297,6 +335,7 @@ def train_student(
     progress: bool = True,
     desc: str | None = None,
     batches: BatchFn | None = None,
+    step_factory: StepFactory = core_step,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one student with ``method``; returns the model (``forward`` = ``z_cls``) and its record.
 
@@ -306,9 +345,10 @@ def train_student(
     logits, e.g. augmented inputs with the teacher's logits on them. The record holds the last-epoch test
     and (clean) training accuracy, the per-epoch validation accuracy (when a validation split exists), the
     mean training losses, whether the run collapsed (:func:`is_collapsed`) and its wall time.
+    ``step_factory`` (default :func:`core_step`) builds the trained module and its step, e.g. a step
+    through a toolkit's training task.
     """
-    loss_fn = method.loss_fn()
-    if loss_fn is not None and teacher_logits is None and batches is None:
+    if method.loss != "ce" and teacher_logits is None and batches is None:
         raise ValueError(f"method {method.name!r} ({method.loss}) needs teacher_logits")
     if teacher_logits is not None and teacher_logits.shape != (data.x_train.shape[0], data.num_classes):
         raise ValueError(
@@ -319,7 +359,9 @@ def train_student(
         batches = fixed_batches(data.x_train, teacher_logits)
     torch.manual_seed(seed)
     student = make_model(cfg.model, data.input_shape[0], data.num_classes)
-    model = method.build(student, data.num_classes)
+    n = data.x_train.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    model, train_step = step_factory(student, method, data.num_classes, steps_per_epoch, cfg.warmup_epochs)
     serial = getattr(model, "serial", None)
     groups: list[dict[str, Any]] = [
         {"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}
@@ -333,10 +375,7 @@ def train_student(
             }
         )
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    n = data.x_train.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    warmup = KDWarmup(steps=cfg.warmup_epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed + 12345)
     step = 0
     history: list[dict[str, float]] = []
@@ -352,21 +391,15 @@ def train_student(
                 g["lr"] = lr * g["lr_scale"]
             x, v = batches(idx, epoch)
             y = data.y_train[idx]
-            z_cls, z_kd = model.split(x)
-            loss_ce = method.ce_weight * F.cross_entropy(z_cls, y)
-            loss = loss_ce
-            if loss_fn is not None:
-                loss_kd = warmup.factor * loss_fn(z_kd, v, y)
-                loss = loss + loss_kd
-                sums["loss_kd"] += float(loss_kd.detach())
-            sums["loss_ce"] += float(loss_ce.detach())
-            if not torch.isfinite(loss):
+            losses = train_step(x, y, v)
+            sums["loss_kd"] += float(losses["loss_kd"].detach())
+            sums["loss_ce"] += float(losses["loss_ce"].detach())
+            if not torch.isfinite(losses["loss"]):
                 finite = False
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses["loss"].backward()
             opt.step()
-            warmup.step()
             step += 1
         rec = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
         if data.x_val.shape[0]:
