@@ -30,6 +30,8 @@ PROTOCOLS = {  # file stem -> label
     "paperlike_digits100_cnn": "paper-like digits-100, CNN",
     "paperlike_digits100_mobile": "paper-like digits-100, mobile",
     "paperlike_digits100_cnn_T2_b2": "paper-like digits-100, CNN, T = 2 (gate met)",
+    "paperlike_digits100_timm": "paper-like digits-100, timm ResNet (timm tasks)",
+    "paperlike_digits100_timm_T2_b4": "paper-like digits-100, timm ResNet, T = 2, β = 4",
 }
 SERIAL = "AEKT S kd_cls, identity, lr×0.1, wd"
 # (table kind, method a, method b, label)
@@ -114,7 +116,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ]
     comparisons = list(dict.fromkeys(r["comparison"] for r in rows))
     protocols = list(PROTOCOLS.values())
-    markers, colors = "osD^v", ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+    markers = "osD^v<>"
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red", "tab:olive"]
     step = 0.8 / len(protocols)
     fig, ax = plt.subplots(figsize=(11, 0.6 * len(comparisons) + 1.8))
     for r in rows:
