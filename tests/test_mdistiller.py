@@ -551,11 +551,12 @@ def _loaders(trainer: str) -> tuple[list, list]:
     for _ in range(2):
         image, target = _batch()
         index = torch.arange(4)
-        train.append((image, target, index, index) if trainer == "crd" else (image, target, index))
+        crd = trainer in ("crd", "crd_dot")  # CRD's loaders also yield the contrastive indices
+        train.append((image, target, index, index) if crd else (image, target, index))
     return train, [_batch()]
 
 
-@pytest.mark.parametrize("trainer", ["base", "dot", "crd"])
+@pytest.mark.parametrize("trainer", ["base", "dot", "crd", "crd_dot"])
 def test_mdistiller_trainer_trains_and_writes_a_usable_student_best(
     md, cfg, no_cuda, tmp_path: Path, recwarn: pytest.WarningsRecorder, trainer: str
 ) -> None:
@@ -572,7 +573,7 @@ def test_mdistiller_trainer_trains_and_writes_a_usable_student_best(
     assert not torch.equal(module.student.fc.weight, fc_before)
     assert not torch.equal(module.serial.weight, torch.eye(NUM_CLASSES))  # S was trained too
     no_epoch_warnings = [w for w in recwarn if "passes no epoch" in str(w.message)]
-    assert bool(no_epoch_warnings) == (trainer == "crd")
+    assert bool(no_epoch_warnings) == (trainer in ("crd", "crd_dot"))  # CRD's trainers pass no epoch
 
     log_path = tmp_path / "aekt_test"
     best = torch.load(log_path / "student_best", map_location="cpu")

@@ -126,6 +126,11 @@ class DOT(BaseTrainer):
         target = target.cuda(non_blocking=True)
         index = index.cuda(non_blocking=True)
         preds, losses_dict = self.distiller(image=image, target=target, epoch=epoch)
+        self._dot_step(losses_dict)
+        return preds
+
+    def _dot_step(self, losses_dict):
+        """DOT's update: the two losses backpropagated separately (mdistiller gives them two momenta)."""
         if set(losses_dict) != {"loss_ce", "loss_kd"}:
             raise KeyError(f"the DOT trainer needs exactly loss_ce and loss_kd, got {sorted(losses_dict)}")
         loss_ce, loss_kd = losses_dict["loss_ce"].mean(), losses_dict["loss_kd"].mean()
@@ -138,7 +143,22 @@ class DOT(BaseTrainer):
             if kd_grad is not None:
                 param.grad = kd_grad if param.grad is None else param.grad + kd_grad
         self.optimizer.step()
-        return preds
 
     def _params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+class CRDDOT(DOT):
+    """CRD's data and call (indices, no epoch) with DOT's two-loss update."""
+
+    def train_iter(self, data, epoch):
+        image, target, index, contrastive_index = data
+        image = image.float().cuda(non_blocking=True)
+        target = target.cuda(non_blocking=True)
+        index = index.cuda(non_blocking=True)
+        contrastive_index = contrastive_index.cuda(non_blocking=True)
+        preds, losses_dict = self.distiller(
+            image=image, target=target, index=index, contrastive_index=contrastive_index
+        )
+        self._dot_step(losses_dict)
+        return preds
