@@ -165,7 +165,7 @@ def decoupled_forward(
     tckd = torch.linalg.vecdot(binary_t, log_ratio, dim=-1)  # KL(b^T ‖ b^S)
 
     weights = weight_rule(TargetStats(log_binary, log_ratio, keep))
-    a, b = weights[0], weights[1]
+    a, b = weights.a, weights.b
     if needs_temperature_grad:
         teacher_terms = _teacher_temperature_terms(
             scaled_logits[1], logit_t_copy[1], q_hat, log_hat_gap, log_binary, log_ratio, nckd, weights
@@ -242,7 +242,7 @@ def _teacher_temperature_terms(
     log_binary: Tensor,
     log_ratio: Tensor,
     nckd: Tensor,
-    weights: tuple,
+    weights: Weights,
 ) -> Tensor:
     r"""The bracket of (T1) that comes from the teacher's logits ``w = v/T``:
 
@@ -257,10 +257,8 @@ def _teacher_temperature_terms(
     expected_w = torch.linalg.vecdot(q_hat, teacher, dim=-1)
     covariance = torch.linalg.vecdot(q_hat * log_hat_gap, teacher, dim=-1) - nckd * expected_w
     binary_confidence = log_binary[1].sum(dim=-1).exp()  # q_t (1 - q_t)
-    a, b = weights[0], weights[1]
-    db_dq_t = weights[2] if len(weights) > 2 else 0.0
-    explicit = a * (log_ratio[..., 0] - log_ratio[..., 1]) + db_dq_t * nckd
-    return explicit * binary_confidence * (teacher_t - expected_w) + b * covariance
+    explicit = weights.a * (log_ratio[..., 0] - log_ratio[..., 1]) + weights.db_dq_t * nckd
+    return explicit * binary_confidence * (teacher_t - expected_w) + weights.b * covariance
 
 
 _STANDARDIZE_EPS = 1e-7

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aekt_plugin import functional
-from aekt_plugin._kernel import TargetStats
+from aekt_plugin._kernel import TargetStats, Weights
 from aekt_plugin.demo.train import MethodConfig
 
 __all__ = ["VariantMethod"]
@@ -81,16 +81,16 @@ class VariantMethod(MethodConfig):
         if self.standardize or self.kd_weight != 1.0:
             raise ValueError("the variants take neither standardize nor kd_weight")
 
-    def weights(self, stats: TargetStats) -> tuple[Tensor, Tensor | float]:
+    def weights(self, stats: TargetStats) -> Weights:
         log_r = stats.log_ratio[:, 0] * self.gamma
         if self.one_sided:
             log_r = log_r.clamp(min=0.0)
         a = _adaptive(log_r, scale=self.alpha, max_weight=self.max_weight, normalize=self.normalize_weight)
         if self.implicit_gamma == 0.0:
-            return a, self.beta
+            return Weights(a, self.beta)
         log_s = stats.log_ratio[:, 1] * self.implicit_gamma
         b = _adaptive(log_s, scale=self.beta, max_weight=self.max_weight, normalize=self.normalize_weight)
-        return a, b
+        return Weights(a, b)
 
     def loss_fn(self):
         def loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
