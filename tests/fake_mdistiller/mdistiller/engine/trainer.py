@@ -105,18 +105,20 @@ class BaseTrainer:
 class CRDTrainer(BaseTrainer):
     def train_iter(self, data, epoch):
         self.optimizer.zero_grad()
+        preds, losses_dict = self._crd_forward(data)
+        loss = sum([value.mean() for value in losses_dict.values()])
+        loss.backward()
+        self.optimizer.step()
+        return preds
+
+    def _crd_forward(self, data):
+        """CRD's batches carry the sample and contrastive indices; the distiller gets them, not the epoch."""
         image, target, index, contrastive_index = data
         image = image.float().cuda(non_blocking=True)
         target = target.cuda(non_blocking=True)
         index = index.cuda(non_blocking=True)
         contrastive_index = contrastive_index.cuda(non_blocking=True)
-        preds, losses_dict = self.distiller(
-            image=image, target=target, index=index, contrastive_index=contrastive_index
-        )
-        loss = sum([value.mean() for value in losses_dict.values()])
-        loss.backward()
-        self.optimizer.step()
-        return preds
+        return self.distiller(image=image, target=target, index=index, contrastive_index=contrastive_index)
 
 
 class DOT(BaseTrainer):
@@ -148,17 +150,10 @@ class DOT(BaseTrainer):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-class CRDDOT(DOT):
+class CRDDOT(CRDTrainer, DOT):
     """CRD's data and call (indices, no epoch) with DOT's two-loss update."""
 
     def train_iter(self, data, epoch):
-        image, target, index, contrastive_index = data
-        image = image.float().cuda(non_blocking=True)
-        target = target.cuda(non_blocking=True)
-        index = index.cuda(non_blocking=True)
-        contrastive_index = contrastive_index.cuda(non_blocking=True)
-        preds, losses_dict = self.distiller(
-            image=image, target=target, index=index, contrastive_index=contrastive_index
-        )
+        preds, losses_dict = self._crd_forward(data)
         self._dot_step(losses_dict)
         return preds
