@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -299,7 +299,7 @@ class TrainStep(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
-StepFactory = Callable[["nn.Module", MethodConfig, int, int, float], tuple[nn.Module, TrainStep]]
+StepFactory = Callable[[nn.Module, MethodConfig, int, int, float], tuple[nn.Module, TrainStep]]
 """``(student, method, num_classes, steps_per_epoch, warmup_epochs) -> (trained module, step)``."""
 
 
@@ -425,8 +425,3 @@ def train_student(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return model, record
-
-
-def method_with(method: MethodConfig, **changes: Any) -> MethodConfig:
-    """A copy of ``method`` with fields replaced (used to build ablations)."""
-    return replace(method, **changes)
