@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from numbers import Integral, Real
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -39,15 +40,20 @@ def check_non_negative(name: str, value: object) -> float:
 
 
 def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` after checking that it is a ``bool`` (not merely truthy)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
+    """Return ``value`` as a ``bool`` after checking that it is one (not merely truthy). numpy's bool
+    scalar counts as a bool, as it does for ``if``."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return bool(value)
+    qualified = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    raise TypeError(f"{name} must be a bool, got {qualified}")
 
 
-def check_reduction(reduction: object) -> str:
+def check_reduction(name: str, reduction: object) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"{name} must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction  # type: ignore[return-value]
 
 
@@ -58,37 +64,66 @@ def check_order(order: object) -> str | None:
     return order  # type: ignore[return-value]
 
 
-def check_ignore_index(ignore_index: object) -> int | None:
+def check_ignore_index(name: str, ignore_index: object) -> int | None:
     if ignore_index is None or type(ignore_index) is int:
         return ignore_index  # type: ignore[return-value]
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        raise TypeError(f"{name} must be an int or None, got {type(ignore_index).__name__}")
     return int(ignore_index)
 
 
-def check_temperature(
-    temperature: object, *, sample_shape: torch.Size, device: torch.device
-) -> float | Tensor:
-    """A number in :data:`TEMPERATURE_RANGE`, or a floating tensor: 0-d, or one value per sample."""
-    low, high = TEMPERATURE_RANGE
+def check_temperature(name: str, temperature: object) -> float | Tensor:
+    """A number in :data:`TEMPERATURE_RANGE`, or a floating-point tensor (its shape and values are checked
+    against the logits by :func:`prepare_rows`)."""
     if isinstance(temperature, Tensor):
         if not temperature.is_floating_point():
-            raise TypeError(f"temperature must be a floating-point tensor, got dtype {temperature.dtype}")
-        if temperature.dim() and temperature.shape != sample_shape:
-            raise ValueError(
-                "a temperature tensor must be 0-d or hold one value per sample, shape "
-                f"{tuple(sample_shape)}; got shape {tuple(temperature.shape)}"
-            )
-        if device is not None and temperature.device != device:
-            raise ValueError(f"temperature must be on the logits' device {device}, got {temperature.device}")
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {temperature.dtype}")
         return temperature
-    number = _as_real("temperature", temperature)
+    low, high = TEMPERATURE_RANGE
+    number = _as_real(name, temperature)
     if not low <= number <= high:
         raise ValueError(
-            f"temperature must be a number in [{low:g}, {high:g}] (beyond it T² or 1/T leaves float32's "
+            f"{name} must be a number in [{low:g}, {high:g}] (beyond it T² or 1/T leaves float32's "
             f"useful range), got {temperature!r}"
         )
     return number
+
+
+def _check_temperature_tensor(temperature: Tensor, sample_shape: torch.Size, device: torch.device) -> None:
+    if temperature.dim() and temperature.shape != sample_shape:
+        raise ValueError(
+            "a temperature tensor must be 0-d or hold one value per sample, shape "
+            f"{tuple(sample_shape)}; got shape {tuple(temperature.shape)}"
+        )
+    if temperature.device != device:
+        raise ValueError(f"temperature must be on the logits' device {device}, got {temperature.device}")
+
+
+def _check_max_weight(name: str, value: object) -> float:
+    return check_positive(name, value, allow_inf=True)
+
+
+OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
+    "temperature": check_temperature,
+    "alpha": check_non_negative,
+    "beta": check_non_negative,
+    "max_weight": _check_max_weight,
+    "normalize_weight": check_bool,
+    "reduction": check_reduction,
+    "ignore_index": check_ignore_index,
+    "standardize": check_bool,
+    "validate_args": check_bool,
+}
+"""The rule of every loss option, by keyword: the one place an option's type and range are checked."""
+
+
+def check_options(**options: object) -> dict[str, object]:
+    """Check each loss option by its rule in :data:`OPTION_CHECKS` (errors name the keyword) and return
+    them normalised (real numbers as ``float``, numpy bools as ``bool``)."""
+    try:
+        return {name: OPTION_CHECKS[name](name, value) for name, value in options.items()}
+    except KeyError as error:
+        raise TypeError(f"unknown loss option {error.args[0]!r}") from None
 
 
 def _as_real(name: str, value: object) -> float:
@@ -115,6 +150,12 @@ def check_logits(student_logits: object, teacher_logits: object) -> None:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape (same class count, no "
             f"broadcasting), got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if (student_logits.dtype is torch.float64) != (teacher_logits.dtype is torch.float64):
+        raise TypeError(
+            "student_logits and teacher_logits must both be float64 or neither (float16, bfloat16 and "
+            "float32 mix freely: they are computed in float32), got "
+            f"{student_logits.dtype} and {teacher_logits.dtype}; convert one, e.g. teacher_logits.float()"
         )
     if student_logits.shape[1] < 2:
         raise ValueError(
@@ -263,23 +304,18 @@ def prepare_rows(
     ignore_index: int | None = None,
     target_required: bool = True,
 ) -> Rows:
-    """Run every argument check and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows.
+    """Check the tensors against each other and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows; the options
+    come checked by :func:`check_options`.
 
     ``target=None`` is allowed only where the value does not depend on it (``target_required=False``, KD)
     and then stands for class 0 everywhere. ``ignore_index`` applies to class-index targets: with
     ``validate_args`` the targets are read here and ``keep`` says which samples count (``None``: all);
     otherwise ``ignore_index`` is passed on for the caller to resolve.
     """
-    check_bool("validate_args", validate_args)
     check_logits(student_logits, teacher_logits)
-    check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index)
     sample_shape = student_logits.shape[:1] + student_logits.shape[2:]
-    temperature = check_temperature(
-        temperature,
-        sample_shape=sample_shape,
-        device=student_logits.device if isinstance(temperature, Tensor) else None,
-    )
+    if isinstance(temperature, Tensor):
+        _check_temperature_tensor(temperature, sample_shape, student_logits.device)
     soft_target = isinstance(target, Tensor) and target.is_floating_point()
     if target is None:
         if target_required:

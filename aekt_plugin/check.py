@@ -20,16 +20,17 @@ and prints one table row per check with the error, the tolerance and PASS/FAIL.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import functional, reference
-from .defaults import DEFAULTS
 
 DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -70,8 +71,8 @@ class _Loss:
 
 LOSSES = (
     _Loss("KD", functional.kd_loss, reference.kd_loss, {}),
-    _Loss("DKD", functional.dkd_loss, reference.dkd_loss, {"alpha": 1.0, "beta": 8.0}),
-    _Loss("AEKT", functional.aekt_loss, reference.aekt_loss, {"alpha": 1.0, "beta": 8.0}),
+    _Loss("DKD", functional.dkd_loss, reference.dkd_loss, {}),
+    _Loss("AEKT", functional.aekt_loss, reference.aekt_loss, {}),
     _Loss(
         "AEKT (w_max=inf, no norm)",
         functional.aekt_loss,
@@ -107,18 +108,21 @@ def _loss_and_grad(fn: Callable[..., Tensor], student: Tensor, *args: Tensor, **
 def _closed_form(loss: _Loss, student: Tensor, teacher: Tensor, target: Tensor, temperature: float) -> Tensor:
     """(G1)–(G2) for ``(B, C)`` float64 inputs with the loss's weights, divided by ``B`` (mean)."""
     parts = reference.decompose(student, teacher, target, temperature)
-    options = loss.options
+    # The options in effect: the loss's own, else the defaults of its signature (DEFAULTS).
+    signature = inspect.signature(loss.reference).parameters.values()
+    options: dict[str, Any] = {
+        **{p.name: p.default for p in signature if p.kind is p.KEYWORD_ONLY},
+        **loss.options,
+    }
     if loss.name == "KD":
         a, b = 1.0, parts.log_1m_q_t.exp()
     elif loss.name == "DKD":
-        a, b = float(options["alpha"]), float(options["beta"])  # type: ignore[arg-type]
+        a, b = options["alpha"], options["beta"]
     else:
         weight = reference.aekt_weight(
-            parts,
-            max_weight=float(options.get("max_weight", DEFAULTS.max_weight)),  # type: ignore[arg-type]
-            normalize_weight=bool(options.get("normalize_weight", DEFAULTS.normalize_weight)),
+            parts, max_weight=options["max_weight"], normalize_weight=options["normalize_weight"]
         )
-        a, b = float(options.get("alpha", 1.0)) * weight, float(options.get("beta", 8.0))  # type: ignore[arg-type]
+        a, b = options["alpha"] * weight, options["beta"]
     grad = reference.closed_form_grad(student, teacher, target, a, b, temperature=temperature)
     return grad / student.shape[0]
 

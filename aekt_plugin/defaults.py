@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 __all__ = ["DEFAULTS", "Defaults"]
 
@@ -21,9 +18,8 @@ class Defaults:
     small problems and short schedules start from ``beta=2`` with a
     warm-up scaled to the schedule.
 
-    Read fields as attributes (``DEFAULTS.beta``); ``DEFAULTS["beta"]`` also works, read-only. To change a
-    default for your run, pass the argument, or build your own record: ``dataclasses.replace(DEFAULTS,
-    beta=2.0)``.
+    Read fields as attributes (``DEFAULTS.beta``); the record is frozen. To change a default for your run,
+    pass the argument, or build your own record: ``dataclasses.replace(DEFAULTS, beta=2.0)``.
     """
 
     temperature: float = 4.0
@@ -34,17 +30,6 @@ class Defaults:
     order: str | None = None
     ce_weight: float = 1.0
     warmup: int = 20
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.__dataclass_fields__:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def keys(self) -> Iterator[str]:
-        return iter(self.__dataclass_fields__)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 DEFAULTS = Defaults()

@@ -128,25 +128,24 @@ def _decoupled_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     target: Tensor | None,
-    *,
-    temperature: float | Tensor,
     weight_rule: WeightRule,
-    reduction: str,
-    validate_args: bool,
-    ignore_index: int | None = -100,
-    standardize: bool = False,
+    *,
     target_required: bool = True,
+    **options: object,
 ) -> Tensor:
-    if standardize is not False:
-        _validation.check_bool("standardize", standardize)
+    """The loss (D1) with the weights of ``weight_rule``; ``options`` are the options every loss of the family
+    takes (``temperature``, ``reduction``, ``ignore_index``, ``standardize``, ``validate_args``)."""
+    checked = _validation.check_options(**options)
+    reduction, standardize = checked["reduction"], checked["standardize"]
+    validate_args = checked["validate_args"]
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,
         target,
-        temperature=temperature,
+        temperature=checked["temperature"],
         reduction=reduction,
         validate_args=validate_args,
-        ignore_index=ignore_index,
+        ignore_index=checked["ignore_index"],
         target_required=target_required,
     )
     grad_enabled = torch.is_grad_enabled()
@@ -215,13 +214,13 @@ def kd_loss(
         student_logits,
         teacher_logits,
         target,
+        _kd_weights,
+        target_required=False,
         temperature=temperature,
-        weight_rule=_kd_weights,
         reduction=reduction,
-        validate_args=validate_args,
         ignore_index=ignore_index,
         standardize=standardize,
-        target_required=False,
+        validate_args=validate_args,
     )
 
 
@@ -238,20 +237,17 @@ def dkd_loss(
     standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
-    alpha = _validation.check_non_negative("alpha", alpha)
-    beta = _validation.check_non_negative("beta", beta)
-
-    weight_rule = functools.partial(_dkd_weights, alpha=alpha, beta=beta)
+    weights = _validation.check_options(alpha=alpha, beta=beta)
     return _decoupled_loss(
         student_logits,
         teacher_logits,
         target,
+        functools.partial(_dkd_weights, **weights),
         temperature=temperature,
-        weight_rule=weight_rule,
         reduction=reduction,
-        validate_args=validate_args,
         ignore_index=ignore_index,
         standardize=standardize,
+        validate_args=validate_args,
     )
 
 
@@ -270,24 +266,19 @@ def aekt_loss(
     standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
-    alpha = _validation.check_non_negative("alpha", alpha)
-    beta = _validation.check_non_negative("beta", beta)
-    max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
-    _validation.check_bool("normalize_weight", normalize_weight)
-
-    weight_rule = functools.partial(
-        _aekt_weights, alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
+    weights = _validation.check_options(
+        alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
     )
     return _decoupled_loss(
         student_logits,
         teacher_logits,
         target,
+        functools.partial(_aekt_weights, **weights),
         temperature=temperature,
-        weight_rule=weight_rule,
         reduction=reduction,
-        validate_args=validate_args,
         ignore_index=ignore_index,
         standardize=standardize,
+        validate_args=validate_args,
     )
 
 

@@ -1,70 +1,82 @@
 """``nn.Module`` forms of the losses: they store the options and call :mod:`aekt_plugin.functional`.
 
-As in ``torch/nn/modules/loss.py``, the losses are siblings on one small base that holds the options they
-share; each adds its own weights and its own ``forward`` signature.
+As in ``torch/nn/modules/loss.py``, the losses are siblings on one small base. Each module's options are
+the keyword-only parameters of its function, with the same names and defaults — read from the function's
+signature, so an option added to a function is an option of its module too — and are checked once, when
+the module is built, by the rules every loss uses.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 from torch import Tensor, nn
 
 from . import _validation
-from .defaults import DEFAULTS
 from .functional import aekt_loss, dkd_loss, kd_loss
 
 __all__ = ["AEKTLoss", "DKDLoss", "KDLoss"]
 
 
 class _DecoupledLoss(nn.Module):
-    """The options of every loss of the family: temperature, reduction, ignore_index, standardize,
-    validate_args. A temperature given as an ``nn.Parameter`` (a learnable temperature) is registered as a
-    parameter of the module and receives ``dL/dT``."""
+    """The base of the family's modules: ``Subclass(**options)`` stores the options of ``function`` and
+    ``forward(student_logits, teacher_logits, target)`` calls it with them.
 
-    def __init__(
-        self,
-        *,
-        temperature: float | Tensor,
-        reduction: str,
-        ignore_index: int | None,
-        standardize: bool,
-        validate_args: bool,
-    ) -> None:
+    A temperature given as a 0-d ``nn.Parameter`` (a learnable temperature) is registered as a parameter of
+    the module and receives ``dL/dT``.
+    """
+
+    function: ClassVar[Callable[..., Tensor]]
+    option_defaults: ClassVar[dict[str, Any]]
+
+    def __init_subclass__(cls, *, function: Callable[..., Tensor], **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.function = staticmethod(function)
+        parameters = [
+            p for p in inspect.signature(function).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        cls.option_defaults = {p.name: p.default for p in parameters}
+        cls.__signature__ = inspect.Signature(parameters)  # what help() and inspect show for the class
+
+    def __init__(self, **options: Any) -> None:
         super().__init__()
-        if isinstance(temperature, Tensor):
-            if temperature.dim() != 0 or not temperature.is_floating_point():
-                raise ValueError(
-                    "a loss module's temperature tensor must be a 0-d floating-point tensor (pass per-sample "
-                    "temperatures to the functional form)"
-                )
-            self.temperature = temperature
-        else:
-            self.temperature = _validation.check_temperature(temperature, sample_shape=(), device=None)
-        self.reduction = _validation.check_reduction(reduction)
-        self.ignore_index = _validation.check_ignore_index(ignore_index)
-        self.standardize = _validation.check_bool("standardize", standardize)
-        self.validate_args = _validation.check_bool("validate_args", validate_args)
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected option(s) {', '.join(map(repr, unknown))}; its options "
+                f"are those of {self.function.__name__}: {', '.join(self.option_defaults)}"
+            )
+        checked = _validation.check_options(**{**self.option_defaults, **options})
+        temperature = checked["temperature"]
+        if isinstance(temperature, Tensor) and temperature.dim() != 0:
+            raise ValueError(
+                "a loss module's temperature tensor must be 0-d (pass per-sample temperatures to the "
+                "functional form)"
+            )
+        for name, value in checked.items():
+            setattr(self, name, value)  # an nn.Parameter temperature is registered by nn.Module
 
-    def _options(self) -> dict[str, object]:
-        return {
-            "temperature": self.temperature,
-            "reduction": self.reduction,
-            "ignore_index": self.ignore_index,
-            "standardize": self.standardize,
-            "validate_args": self.validate_args,
-        }
+    def options(self) -> dict[str, Any]:
+        """The options this module calls its function with."""
+        return {name: getattr(self, name) for name in self.option_defaults}
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        return self.function(student_logits, teacher_logits, target, **self.options())
 
     def extra_repr(self) -> str:
-        temperature = self.temperature
-        if isinstance(temperature, Tensor):
-            temperature = f"{float(temperature.detach()):g} (tensor)"
-        text = f"temperature={temperature}, reduction={self.reduction!r}"
-        if self.ignore_index != -100:
-            text += f", ignore_index={self.ignore_index}"
-        return text + (", standardize=True" if self.standardize else "")
+        shown = []
+        for name, value in self.options().items():
+            if isinstance(value, Tensor):
+                shown.append(f"{name}={float(value.detach()):g} (tensor)")
+            elif value != self.option_defaults[name] or name == "temperature":
+                shown.append(f"{name}={value!r}")
+        return ", ".join(shown)
 
 
-class KDLoss(_DecoupledLoss):
-    """Hinton's KD, ``T²·KL(q ‖ p)``; see :func:`aekt_plugin.kd_loss`.
+class KDLoss(_DecoupledLoss, function=kd_loss):
+    """Hinton's KD, ``T²·KL(q ‖ p)``; options and mathematics: :func:`aekt_plugin.kd_loss`.
 
     Examples::
 
@@ -72,62 +84,19 @@ class KDLoss(_DecoupledLoss):
         >>> loss = criterion(torch.randn(8, 10, requires_grad=True), torch.randn(8, 10))
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        reduction: str = "mean",
-        ignore_index: int | None = -100,
-        standardize: bool = False,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            standardize=standardize,
-            validate_args=validate_args,
-        )
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, target, **self._options())
+class DKDLoss(_DecoupledLoss, function=dkd_loss):
+    """Decoupled KD, ``T²·(α·TCKD + β·NCKD)``; options and mathematics: :func:`aekt_plugin.dkd_loss`.
+
+    Examples::
+
+        >>> criterion = DKDLoss(beta=2.0)
+        >>> loss = criterion(torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,)))
+    """
 
 
-class DKDLoss(_DecoupledLoss):
-    """Decoupled KD, ``T²·(α·TCKD + β·NCKD)``; see :func:`aekt_plugin.dkd_loss`."""
-
-    def __init__(
-        self,
-        *,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        alpha: float = DEFAULTS.alpha,
-        beta: float = DEFAULTS.beta,
-        reduction: str = "mean",
-        ignore_index: int | None = -100,
-        standardize: bool = False,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            standardize=standardize,
-            validate_args=validate_args,
-        )
-        self.alpha = _validation.check_non_negative("alpha", alpha)
-        self.beta = _validation.check_non_negative("beta", beta)
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        return dkd_loss(
-            student_logits, teacher_logits, target, alpha=self.alpha, beta=self.beta, **self._options()
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}"
-
-
-class AEKTLoss(_DecoupledLoss):
-    """Adaptive explicit knowledge transfer; see :func:`aekt_plugin.aekt_loss` for the mathematics.
+class AEKTLoss(_DecoupledLoss, function=aekt_loss):
+    """Adaptive explicit knowledge transfer; options and mathematics: :func:`aekt_plugin.aekt_loss`.
 
     Examples::
 
@@ -136,46 +105,3 @@ class AEKTLoss(_DecoupledLoss):
         >>> loss = criterion(student, torch.randn(8, 10), torch.randint(0, 10, (8,)))
         >>> loss.backward()
     """
-
-    def __init__(
-        self,
-        *,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        alpha: float = DEFAULTS.alpha,
-        beta: float = DEFAULTS.beta,
-        max_weight: float = DEFAULTS.max_weight,
-        normalize_weight: bool = DEFAULTS.normalize_weight,
-        reduction: str = "mean",
-        ignore_index: int | None = -100,
-        standardize: bool = False,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            standardize=standardize,
-            validate_args=validate_args,
-        )
-        self.alpha = _validation.check_non_negative("alpha", alpha)
-        self.beta = _validation.check_non_negative("beta", beta)
-        self.max_weight = _validation.check_positive("max_weight", max_weight, allow_inf=True)
-        self.normalize_weight = _validation.check_bool("normalize_weight", normalize_weight)
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        return aekt_loss(
-            student_logits,
-            teacher_logits,
-            target,
-            alpha=self.alpha,
-            beta=self.beta,
-            max_weight=self.max_weight,
-            normalize_weight=self.normalize_weight,
-            **self._options(),
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}, max_weight={self.max_weight}, "
-            f"normalize_weight={self.normalize_weight}"
-        )

@@ -11,15 +11,17 @@ of the same mathematics.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validation
-from .defaults import DEFAULTS
+from . import _validation, functional
 
 
 class Decomposition(NamedTuple):
@@ -75,22 +77,19 @@ def _rows(
     teacher_logits: Tensor,
     target: Tensor | None,
     *,
-    temperature: float | Tensor,
-    reduction: str,
-    validate_args: bool,
-    ignore_index: int | None,
-    standardize_logits: bool,
     target_required: bool = True,
+    **options: object,
 ) -> tuple[_validation.Rows, Tensor, Tensor, Tensor]:
     """Checked rows, the logits the loss sees (standardized or not), and the mask of kept samples."""
+    checked = _validation.check_options(**options)
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,
         target,
-        temperature=temperature,
-        reduction=reduction,
-        validate_args=validate_args,
-        ignore_index=ignore_index,
+        temperature=checked["temperature"],
+        reduction=checked["reduction"],
+        validate_args=checked["validate_args"],
+        ignore_index=checked["ignore_index"],
         target_required=target_required,
     )
     keep = rows.keep
@@ -101,7 +100,7 @@ def _rows(
     if keep is None:
         keep = torch.ones_like(classes, dtype=torch.bool)
     student, teacher = rows.student, rows.teacher
-    if standardize_logits:
+    if checked["standardize"]:
         student, teacher = standardize(student), standardize(teacher)
     return rows._replace(classes=classes), student, teacher, keep
 
@@ -119,63 +118,42 @@ def _squared(temperature: float | Tensor) -> float | Tensor:
     return temperature**2
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor | None = None,
-    *,
-    temperature: float | Tensor = DEFAULTS.temperature,
-    reduction: str = "mean",
-    ignore_index: int | None = -100,
-    standardize: bool = False,
-    validate_args: bool = True,
-) -> Tensor:
+def _signature_of(fused: Callable[..., Tensor]) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Give a reference loss the signature of its fused twin: same arguments, same defaults."""
+    signature = inspect.signature(fused)
+
+    def decorate(body: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        @functools.wraps(body)
+        def loss(*args: Any, **kwargs: Any) -> Tensor:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return body(**bound.arguments)
+
+        loss.__signature__ = signature  # type: ignore[attr-defined]
+        return loss
+
+    return decorate
+
+
+@_signature_of(functional.kd_loss)
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, **options: Any) -> Tensor:
     """``T²·(TCKD + (1 - q_t)·NCKD)``, which equals ``T²·KL(q ‖ p)`` (derivations, eq. (7))."""
-    rows, student, teacher, keep = _rows(
-        student_logits,
-        teacher_logits,
-        target,
-        temperature=temperature,
-        reduction=reduction,
-        validate_args=validate_args,
-        ignore_index=ignore_index,
-        standardize_logits=standardize,
-        target_required=False,
-    )
+    rows, student, teacher, keep = _rows(student_logits, teacher_logits, target, target_required=False, **options)
     parts = decompose(student, teacher, rows.classes, rows.temperature)
     per_sample = _squared(rows.temperature) * (parts.tckd + parts.log_1m_q_t.exp() * parts.nckd)
-    return _reduce(per_sample, keep, reduction, rows.sample_shape)
+    return _reduce(per_sample, keep, options["reduction"], rows.sample_shape)
 
 
+@_signature_of(functional.dkd_loss)
 def dkd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    *,
-    temperature: float | Tensor = DEFAULTS.temperature,
-    alpha: float = DEFAULTS.alpha,
-    beta: float = DEFAULTS.beta,
-    reduction: str = "mean",
-    ignore_index: int | None = -100,
-    standardize: bool = False,
-    validate_args: bool = True,
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, alpha: float, beta: float, **options: Any
 ) -> Tensor:
     """``T²·(α·TCKD + β·NCKD)``."""
-    _validation.check_non_negative("alpha", alpha)
-    _validation.check_non_negative("beta", beta)
-    rows, student, teacher, keep = _rows(
-        student_logits,
-        teacher_logits,
-        target,
-        temperature=temperature,
-        reduction=reduction,
-        validate_args=validate_args,
-        ignore_index=ignore_index,
-        standardize_logits=standardize,
-    )
+    _validation.check_options(alpha=alpha, beta=beta)
+    rows, student, teacher, keep = _rows(student_logits, teacher_logits, target, **options)
     parts = decompose(student, teacher, rows.classes, rows.temperature)
     per_sample = _squared(rows.temperature) * (alpha * parts.tckd + beta * parts.nckd)
-    return _reduce(per_sample, keep, reduction, rows.sample_shape)
+    return _reduce(per_sample, keep, options["reduction"], rows.sample_shape)
 
 
 def aekt_weight(
@@ -192,39 +170,25 @@ def aekt_weight(
     return log_ratio.exp().nan_to_num(0.0)
 
 
+@_signature_of(functional.aekt_loss)
 def aekt_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    temperature: float | Tensor = DEFAULTS.temperature,
-    alpha: float = DEFAULTS.alpha,
-    beta: float = DEFAULTS.beta,
-    max_weight: float = DEFAULTS.max_weight,
-    normalize_weight: bool = DEFAULTS.normalize_weight,
-    reduction: str = "mean",
-    ignore_index: int | None = -100,
-    standardize: bool = False,
-    validate_args: bool = True,
+    alpha: float,
+    beta: float,
+    max_weight: float,
+    normalize_weight: bool,
+    **options: Any,
 ) -> Tensor:
     """``T²·(α·w·TCKD + β·NCKD)`` with the stop-gradient weight ``w = min(q_t/p_t, w_max)``."""
-    _validation.check_non_negative("alpha", alpha)
-    _validation.check_non_negative("beta", beta)
-    _validation.check_positive("max_weight", max_weight, allow_inf=True)
-    rows, student, teacher, keep = _rows(
-        student_logits,
-        teacher_logits,
-        target,
-        temperature=temperature,
-        reduction=reduction,
-        validate_args=validate_args,
-        ignore_index=ignore_index,
-        standardize_logits=standardize,
-    )
+    _validation.check_options(alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight)
+    rows, student, teacher, keep = _rows(student_logits, teacher_logits, target, **options)
     parts = decompose(student, teacher, rows.classes, rows.temperature)
     weight = aekt_weight(parts, max_weight=max_weight, normalize_weight=normalize_weight, keep=keep)
     per_sample = _squared(rows.temperature) * (alpha * weight * parts.tckd + beta * parts.nckd)
-    return _reduce(per_sample, keep, reduction, rows.sample_shape)
+    return _reduce(per_sample, keep, options["reduction"], rows.sample_shape)
 
 
 def closed_form_grad(

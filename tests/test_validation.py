@@ -84,6 +84,59 @@ def test_modules_check_their_options_at_construction():
         aekt_plugin.DKDLoss(beta=-1)
 
 
+def test_a_module_takes_exactly_its_functions_options():
+    """A module's options are its function's keyword-only parameters, read from the signature: same
+    names, same defaults, and a misspelt option is refused by name."""
+    import inspect
+
+    for module, function in (
+        (aekt_plugin.KDLoss, aekt_plugin.kd_loss),
+        (aekt_plugin.DKDLoss, aekt_plugin.dkd_loss),
+        (aekt_plugin.AEKTLoss, aekt_plugin.aekt_loss),
+    ):
+        options = {
+            p.name: p.default
+            for p in inspect.signature(function).parameters.values()
+            if p.kind is p.KEYWORD_ONLY
+        }
+        assert list(inspect.signature(module).parameters) == list(options)
+        assert module().options() == options
+    with pytest.raises(TypeError, match="'betta'"):
+        aekt_plugin.AEKTLoss(betta=2.0)
+    with pytest.raises(TypeError, match="'max_weight'"):
+        aekt_plugin.DKDLoss(max_weight=2.0)
+
+
+def test_the_reference_has_the_signature_of_the_fused_loss():
+    import inspect
+
+    for name in ("kd_loss", "dkd_loss", "aekt_loss"):
+        assert inspect.signature(getattr(reference, name)) == inspect.signature(getattr(aekt_plugin, name))
+
+
+def test_numpy_bools_are_bools():
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(
+        aekt_plugin.aekt_loss(STUDENT, TEACHER, TARGET, validate_args=np.True_, normalize_weight=np.bool_(False)),
+        aekt_plugin.aekt_loss(STUDENT, TEACHER, TARGET, validate_args=True, normalize_weight=False),
+    )
+    assert aekt_plugin.AEKTLoss(standardize=np.False_).standardize is False
+    with pytest.raises(TypeError, match=r"validate_args must be a bool, got numpy\.int64"):
+        aekt_plugin.kd_loss(STUDENT, TEACHER, validate_args=np.int64(1))
+
+
+@pytest.mark.parametrize("loss", LOSSES + [aekt_plugin.kd_loss])
+def test_a_float64_teacher_with_a_float32_student_is_refused(loss):
+    """Mixing float64 with a lower precision is refused (it would silently compute in float64);
+    half precision, bfloat16 and float32 mix freely and are computed in float32."""
+    with pytest.raises(TypeError, match=r"float64 or neither.*teacher_logits\.float\(\)"):
+        loss(STUDENT, TEACHER.double(), TARGET)
+    with pytest.raises(TypeError, match="float64 or neither"):
+        loss(STUDENT.double(), TEACHER, TARGET)
+    mixed = loss(STUDENT.half(), TEACHER.bfloat16(), TARGET)
+    assert mixed.dtype == torch.float32
+
+
 def test_validate_args_false_lets_non_finite_values_through_for_amp():
     """GradScaler needs a non-finite loss to reach it, so value checks can be switched off."""
     student = STUDENT.clone()

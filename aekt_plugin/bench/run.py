@@ -250,7 +250,7 @@ def benchmark(
                 "temperature": temperature,
                 "alpha": alpha,
                 "beta": beta,
-                "aekt_defaults": {k: aekt_plugin.DEFAULTS[k] for k in ("max_weight", "normalize_weight")},
+                "aekt_defaults": {k: getattr(aekt_plugin.DEFAULTS, k) for k in ("max_weight", "normalize_weight")},
                 "rounds": rounds,
                 "warmup": warmup,
                 "min_block_ms": min_block_ms,
