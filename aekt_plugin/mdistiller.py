@@ -61,7 +61,8 @@ from ._validation import (
     warn_if_probabilities,
     warn_once,
 )
-from .serial import KDWarmup, find_classifier
+from .serial import find_classifier
+from .warmup import KDWarmup
 
 __all__ = [
     "CFG_NODE",

@@ -1,4 +1,4 @@
-r"""Task separation: the serial layer, the student that carries it, and the warm-up of the total objective.
+r"""Task separation: the serial layer and the student that carries it.
 
 The serial layer ``S: R^C → R^C`` sits in series with the student's classifier and separates the
 classification task (cross-entropy on ``z_cls``) from the distillation task (the loss on ``z_kd``):
@@ -11,22 +11,15 @@ classification task (cross-entropy on ``z_cls``) from the distillation task (the
 ``S(x) = x + W x + c`` with ``W = 0``. Read as a ``C×C`` matrix, the effective map is the inter-class
 relation the student learned (:meth:`SerialLayer.relation_matrix`).
 
-The total objective of one step (mdistiller's conventions) is::
-
-    loss_ce = ce_weight · CE(z_cls, y)
-    loss_kd = min(progress / warmup, 1) · L(z_kd, v, y)        # L already contains T²
-
-with ``progress`` counted in optimiser steps or epochs by :class:`KDWarmup`.
-
-This module owns the three pieces every integration shares: :class:`SerialStudent` (a model with the
-serial layer, ``split(x) -> (z_cls, z_kd)``), :func:`find_classifier` and :func:`fold_serial` (the
-deployable model with ``S`` folded in, ``docs/derivations.md`` (S1)), and :class:`KDWarmup`.
+This module owns the pieces every integration shares: :class:`SerialStudent` (a model with the serial
+layer, ``split(x) -> (z_cls, z_kd)``), :func:`find_classifier` and :func:`fold_serial` (the deployable
+model with ``S`` folded in, ``docs/derivations.md`` (S1)). The warm-up of the distillation term is
+:class:`aekt_plugin.warmup.KDWarmup`.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +28,7 @@ from torch import Tensor, nn
 from ._validation import check_bool, check_order
 from .defaults import DEFAULTS
 
-__all__ = ["KDWarmup", "SerialLayer", "SerialStudent", "find_classifier", "fold_serial"]
+__all__ = ["SerialLayer", "SerialStudent", "find_classifier", "fold_serial"]
 
 _CLASSIFIER_NAMES = ("fc", "classifier", "linear", "head")
 
@@ -316,91 +309,3 @@ def _as_logits(output: object, who: str) -> Tensor:
             "that returns (B, C) logits"
         )
     return output
-
-
-class KDWarmup(nn.Module):
-    """The linear warm-up ``min(progress / length, 1)`` of the distillation loss, as a schedule object.
-
-    Shaped like :class:`torch.optim.lr_scheduler.LinearLR`: :meth:`step` after every optimiser update,
-    :meth:`set_epoch` at the start of an epoch, :attr:`factor` to read, :meth:`state_dict` /
-    :meth:`load_state_dict` so that a resumed run continues where it stopped (it is an ``nn.Module`` whose
-    clock is a buffer, so it also travels inside a module's ``state_dict`` and to its device).
-
-    The clock counts optimiser steps from 0 (the factor is 0 at the first step and rises linearly):
-
-    * ``KDWarmup(steps=N)``: ``factor = min(steps / N, 1)``;
-    * ``KDWarmup(epochs=E, steps_per_epoch=S)``: the same with ``N = E·S``; :meth:`set_epoch` moves the
-      clock to the epoch's first step;
-    * ``KDWarmup(epochs=E)``: epoch granularity, ``factor = min((epoch + 1) / E, 1)`` for the 0-based
-      epoch last given to :meth:`set_epoch` (mdistiller's ``min(epoch / WARMUP, 1)`` with its 1-based
-      epochs).
-
-    A length of 0 means no warm-up (factor 1). :attr:`factor` is a 0-d tensor on the clock's device
-    (no host synchronisation, and no recompilation under ``torch.compile`` as the clock advances).
-    """
-
-    steps: Tensor
-    epoch: Tensor
-
-    def __init__(
-        self, *, steps: float | None = None, epochs: float | None = None, steps_per_epoch: int | None = None
-    ) -> None:
-        super().__init__()
-        if (steps is None) == (epochs is None):
-            raise ValueError("KDWarmup takes exactly one of steps= and epochs=")
-        if steps is not None and steps_per_epoch is not None:
-            raise ValueError("steps_per_epoch goes with epochs=, not steps=")
-        length = steps if steps is not None else epochs
-        if isinstance(length, bool) or not isinstance(length, (int, float)) or not length >= 0:
-            raise ValueError(f"the warm-up length must be a number >= 0, got {length!r}")
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
-        self.steps_per_epoch = steps_per_epoch
-        self.by_epoch = epochs is not None and steps_per_epoch is None
-        self.length = float(length) * (steps_per_epoch or 1)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("epoch", torch.full((), -1, dtype=torch.int64))
-        self._epoch_known = False  # kept on the host: reading the buffer would synchronise a CUDA device
-
-    @property
-    def factor(self) -> Tensor:
-        """The current factor, a 0-d float tensor in ``[0, 1]``."""
-        if self.length <= 0:
-            return torch.ones((), dtype=torch.float32, device=self.steps.device)
-        if self.by_epoch:
-            if not self._epoch_known:
-                raise RuntimeError(
-                    "KDWarmup(epochs=...) has no epoch yet: call set_epoch(epoch) at the start of each "
-                    "epoch, or give steps_per_epoch and call step() after each optimiser update"
-                )
-            progress = self.epoch.to(torch.float64) + 1
-        else:
-            progress = self.steps
-        return (progress / self.length).clamp(0.0, 1.0).to(torch.float32)
-
-    def step(self) -> None:
-        """Count one optimiser update."""
-        self.steps.add_(1)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start the 0-based ``epoch``; with ``steps_per_epoch`` the clock moves to its first step."""
-        self.epoch.fill_(int(epoch))
-        self._epoch_known = True
-        if self.steps_per_epoch is not None:
-            self.steps.fill_(int(epoch) * self.steps_per_epoch)
-
-    def set_step(self, steps: int) -> None:
-        """Set the number of optimiser updates done so far (timm's ``update_ema(step=...)``)."""
-        self.steps.fill_(int(steps))
-
-    def extra_repr(self) -> str:
-        unit = "epochs" if self.by_epoch else "steps"
-        return f"length={self.length:g} {unit}" + (
-            f", steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch else ""
-        )
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._epoch_known = int(self.epoch) >= 0

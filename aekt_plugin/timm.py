@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from . import DEFAULTS, aekt_loss, dkd_loss
 from ._validation import check_bool, check_order, warn_if_probabilities
-from .serial import KDWarmup, SerialStudent
+from .serial import SerialStudent
+from .warmup import KDWarmup
 
 _TIMM_MIN_VERSION = (1, 0, 23)
 

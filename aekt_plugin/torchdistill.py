@@ -67,7 +67,8 @@ from torch import Tensor, nn
 from . import loss as core
 from ._validation import warn_once
 from .defaults import DEFAULTS
-from .serial import KDWarmup, SerialStudent, fold_serial
+from .serial import SerialStudent, fold_serial
+from .warmup import KDWarmup
 
 try:
     from torchdistill.core.interfaces.post_forward_proc import default_post_forward_process

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from aekt_plugin import SerialLayer
-from aekt_plugin.serial import KDWarmup, SerialStudent, find_classifier, fold_serial
+from aekt_plugin.serial import SerialStudent, find_classifier, fold_serial
 
 
 @pytest.mark.parametrize("order", ["cls_kd", "kd_cls"])
@@ -171,51 +171,3 @@ def test_bad_arguments_are_named():
         SerialLayer(5, order="kd_cls").fold(nn.Conv2d(3, 5, 1))
     with pytest.raises(ValueError, match="outputs"):
         SerialLayer(5, order="kd_cls").fold(nn.Linear(3, 4))
-
-
-def test_warmup_counts_optimiser_steps_linearly_from_zero():
-    warmup = KDWarmup(steps=4)
-    factors = []
-    for _ in range(6):
-        factors.append(float(warmup.factor))
-        warmup.step()
-    assert factors == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    assert float(KDWarmup(steps=0).factor) == 1.0
-
-
-def test_warmup_in_epochs_with_steps_per_epoch_jumps_to_the_epoch_start():
-    warmup = KDWarmup(epochs=2, steps_per_epoch=5)
-    warmup.set_epoch(1)
-    assert float(warmup.factor) == pytest.approx(0.5)
-    warmup.step()
-    assert float(warmup.factor) == pytest.approx(0.6)
-
-
-def test_warmup_by_epoch_follows_mdistillers_rule_and_needs_an_epoch():
-    warmup = KDWarmup(epochs=4)
-    with pytest.raises(RuntimeError, match="set_epoch"):
-        _ = warmup.factor
-    warmup.set_epoch(0)  # mdistiller's first epoch (1-based 1): min(1 / 4, 1)
-    assert float(warmup.factor) == pytest.approx(0.25)
-    warmup.set_epoch(9)
-    assert float(warmup.factor) == 1.0
-
-
-def test_warmup_state_survives_a_checkpoint():
-    warmup = KDWarmup(epochs=3)
-    warmup.set_epoch(1)
-    resumed = KDWarmup(epochs=3)
-    resumed.load_state_dict(warmup.state_dict())
-    assert float(resumed.factor) == float(warmup.factor) == pytest.approx(2 / 3)
-    steps = KDWarmup(steps=10)
-    for _ in range(7):
-        steps.step()
-    restored = KDWarmup(steps=10)
-    restored.load_state_dict(steps.state_dict())
-    assert float(restored.factor) == pytest.approx(0.7)
-
-
-def test_warmup_arguments_are_checked():
-    for kwargs in ({}, {"steps": 3, "epochs": 2}, {"steps": -1}, {"epochs": 2, "steps_per_epoch": 0}):
-        with pytest.raises(ValueError):
-            KDWarmup(**kwargs)

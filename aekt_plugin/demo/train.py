@@ -7,7 +7,7 @@ without a serial layer)::
 
 where ``v`` are the teacher's logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the core
 (``T²`` inside, logit standardization when the method asks for it); ``L = 0`` for CE. The warm-up
-(:class:`aekt_plugin.serial.KDWarmup`) counts optimiser steps linearly from 0.
+(:class:`aekt_plugin.warmup.KDWarmup`) counts optimiser steps linearly from 0.
 Accuracy is measured on ``z_cls`` at the last epoch (nothing is selected on the test set).
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..serial import KDWarmup
+from ..warmup import KDWarmup
 from .data import Splits
 from .models import count_parameters, make_model
 
@@ -307,7 +307,7 @@ def core_step(
     student: nn.Module, method: MethodConfig, num_classes: int, steps_per_epoch: int, warmup_epochs: float
 ) -> tuple[nn.Module, TrainStep]:
     """The demo's step: the core loss of ``method`` on ``SerialStudent(student, order).split(x)``, the
-    distillation term warmed up by a :class:`~aekt_plugin.serial.KDWarmup` over optimiser steps."""
+    distillation term warmed up by a :class:`~aekt_plugin.warmup.KDWarmup` over optimiser steps."""
     model = method.build(student, num_classes)
     loss_fn = method.loss_fn()
     warmup = KDWarmup(steps=warmup_epochs * steps_per_epoch)
