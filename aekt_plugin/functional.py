@@ -36,7 +36,7 @@ from . import _kernel, _validation
 from ._kernel import KernelOptions, TargetStats, WeightRule, Weights, decoupled_kd, scale_
 from .defaults import DEFAULTS
 
-__all__ = ["aekt_loss", "dkd_loss", "kd_loss"]
+__all__ = ["TargetStats", "WeightRule", "Weights", "aekt_loss", "decoupled_loss", "dkd_loss", "kd_loss"]
 
 _DOC_INPUTS = """
     Args:
@@ -124,20 +124,34 @@ def _aekt_weights(
     return Weights(torch.where(stats.keep, shares * kept * alpha, 0.0), beta)
 
 
-def _decoupled_loss(
+def decoupled_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
     target: Tensor | None,
     weight_rule: WeightRule,
     *,
+    temperature: float | Tensor = DEFAULTS.temperature,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    standardize: bool = False,
+    validate_args: bool = True,
     target_required: bool = True,
-    **options: object,
 ) -> Tensor:
-    """The loss (D1) with the weights of ``weight_rule``; ``options`` are the options every loss of the family
-    takes (``temperature``, ``reduction``, ``ignore_index``, ``standardize``, ``validate_args``)."""
-    checked = _validation.check_options(**options)
-    reduction, standardize = checked["reduction"], checked["standardize"]
-    validate_args = checked["validate_args"]
+    r"""Any member of the family, ``T²·(a·TCKD + b·NCKD)``, with the stop-gradient weights of your own
+    ``weight_rule``: a function of the batch's :class:`TargetStats` (log-space ``p_t``, ``q_t`` and their
+    ratios) that returns :class:`Weights` ``(a, b)``, numbers or one value per sample. :func:`kd_loss`,
+    :func:`dkd_loss` and :func:`aekt_loss` are this function with their own rules; it is the place to try a
+    new weighting on the fused kernel. ``target_required=False`` lets ``target`` be ``None`` for a rule
+    whose loss does not depend on the target (KD's); the other options are those of the losses below.
+    """
+    checked = _validation.check_options(
+        temperature=temperature,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        standardize=standardize,
+        validate_args=validate_args,
+    )
+    reduction, standardize, validate_args = checked["reduction"], checked["standardize"], checked["validate_args"]
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,
@@ -210,7 +224,7 @@ def kd_loss(
     standardize: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
-    return _decoupled_loss(
+    return decoupled_loss(
         student_logits,
         teacher_logits,
         target,
@@ -238,7 +252,7 @@ def dkd_loss(
     validate_args: bool = True,
 ) -> Tensor:
     weights = _validation.check_options(alpha=alpha, beta=beta)
-    return _decoupled_loss(
+    return decoupled_loss(
         student_logits,
         teacher_logits,
         target,
@@ -269,7 +283,7 @@ def aekt_loss(
     weights = _validation.check_options(
         alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
     )
-    return _decoupled_loss(
+    return decoupled_loss(
         student_logits,
         teacher_logits,
         target,

@@ -73,16 +73,15 @@ class KDWarmup(nn.Module):
         """Whether the clock counts epochs (``epochs=`` without ``steps_per_epoch``)."""
         return self.epochs is not None and self.steps_per_epoch is None
 
-    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
-        """Count ``epochs=`` in optimiser updates from now on, ``steps_per_epoch`` of them per epoch."""
+    def set_steps_per_epoch(self, steps_per_epoch: int, *, name: str = "steps_per_epoch") -> None:
+        """Count ``epochs=`` in optimiser updates from now on, ``steps_per_epoch`` of them per epoch (``name``
+        is the caller's word for it, in errors)."""
         if self.epochs is None:
             raise ValueError("steps_per_epoch goes with epochs=, not steps=")
-        if (
-            isinstance(steps_per_epoch, bool)
-            or not isinstance(steps_per_epoch, int)
-            or steps_per_epoch < 1
-        ):
-            raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
+            raise TypeError(f"{name} must be an int, got {type(steps_per_epoch).__name__}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {steps_per_epoch!r}")
         self.steps_per_epoch = steps_per_epoch
         self.length = self.epochs * steps_per_epoch
 

@@ -61,7 +61,7 @@ def _check_supported(method: MethodConfig) -> None:
     if method.loss == "kd" and method.standardize:
         unsupported.append("standardize (timm's LogitDistillationTask has no such option)")
     if method.loss in ("dkd", "aekt") and method.kd_weight != 1.0:
-        unsupported.append("kd_weight (the tasks weight the task loss, ce_weight, not the KD term)")
+        unsupported.append("kd_weight (these rows weight the task loss, ce_weight, not the KD term)")
     if unsupported:
         raise ValueError(f"method {method.name!r}: the timm family cannot run {', '.join(unsupported)}")
 
@@ -104,7 +104,8 @@ def timm_step_factory(teacher: nn.Module) -> StepFactory:
                 teacher,
                 nn.CrossEntropyLoss(),
                 standardize=method.standardize,
-                ce_weight=method.ce_weight,
+                task_loss_weight=method.ce_weight,
+                distill_loss_weight=1.0,
                 warmup_epochs=warmup_epochs,
                 updates_per_epoch=steps_per_epoch,
                 validate_args=False,

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aekt_plugin import functional
-from aekt_plugin._kernel import TargetStats, Weights
+from aekt_plugin.functional import TargetStats, Weights, decoupled_loss
 from aekt_plugin.demo.train import MethodConfig
 
 __all__ = ["VariantMethod"]
@@ -94,14 +93,8 @@ class VariantMethod(MethodConfig):
 
     def loss_fn(self):
         def loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
-            return functional._decoupled_loss(
-                student_logits,
-                teacher_logits,
-                target,
-                temperature=self.temperature,
-                weight_rule=self.weights,
-                reduction="mean",
-                validate_args=False,
+            return decoupled_loss(
+                student_logits, teacher_logits, target, self.weights, temperature=self.temperature, validate_args=False
             )
 
         return loss

@@ -244,7 +244,7 @@ def test_tiny_demo_writes_schema_conforming_results(tmp_path: Path, tiny_demo, c
 
     aekt_cfg = blob["protocol"]["methods"]["AEKT"]
     for k in ("max_weight", "normalize_weight", "order"):
-        expected = aekt_plugin.DEFAULTS[k]
+        expected = getattr(aekt_plugin.DEFAULTS, k)
         assert aekt_cfg[k] == ("inf" if expected == math.inf else expected)
     assert blob["protocol"]["threads"] == 1
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,15 +20,10 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.task import DistillationTeacher, TrainingTask  # noqa: E402
 
 import aekt_plugin  # noqa: E402
-from aekt_plugin import aekt_loss, dkd_loss  # noqa: E402
+from aekt_plugin import AEKTLoss, DKDLoss, KDLoss, aekt_loss, dkd_loss, kd_loss  # noqa: E402
 from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, DKDDistillationTask, create_student  # noqa: E402
 
 torch.set_num_threads(1)
-# Task checkpoints and EMA arrived in timm 1.0.27; the rest of this file runs on every timm >= 1.0.23.
-needs_task_checkpoint_api = pytest.mark.skipif(
-    not hasattr(TrainingTask, "get_checkpoint_state"),
-    reason=f"timm {timm.__version__} has no task checkpoint/EMA API",
-)
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 7
 
@@ -323,7 +318,9 @@ def test_mismatched_teacher_and_student_classes_are_refused():
     [
         (dict(temperature=0.0), "temperature"),
         (dict(beta=-1.0), "beta"),
-        (dict(ce_weight=-1.0), "ce_weight"),
+        (dict(task_loss_weight=-1.0), "task_loss_weight"),
+        (dict(distill_loss_weight=-0.5), "distill_loss_weight"),
+        (dict(task_loss_weight=1.5), "distill_loss_weight too"),
         (dict(warmup_epochs=float("nan")), "warmup_epochs"),
         (dict(updates_per_epoch=0), "updates_per_epoch"),
     ],
@@ -336,7 +333,8 @@ def test_bad_task_options_are_refused(kwargs, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(ce_weight="1"), "ce_weight"),
+        (dict(task_loss_weight="1"), "task_loss_weight"),
+        (dict(distill_loss=AEKTLoss(), beta=2.0), "go to the loss module"),
         (dict(warmup_epochs=None), "warmup_epochs"),
         (dict(updates_per_epoch=2.5), "updates_per_epoch"),
     ],
@@ -381,7 +379,9 @@ def test_task_is_a_timm_training_task_with_timm_keys():
 @pytest.mark.parametrize("task_class, loss_function", TASK_LOSSES)
 @pytest.mark.parametrize("order", ORDERS + [None])
 def test_task_losses_follow_the_spec_with_hard_targets(order, task_class, loss_function):
-    task, student, teacher = make_task(order=order, task_class=task_class, ce_weight=0.7, beta=2.0)
+    task, student, teacher = make_task(
+        order=order, task_class=task_class, task_loss_weight=0.7, distill_loss_weight=1.0, beta=2.0
+    )
     if order is not None:
         perturb_serial(student)
     x, y = batch()
@@ -411,12 +411,7 @@ def test_dkd_task_differs_from_the_aekt_task_only_by_the_ratio_weight():
     torch.testing.assert_close(aekt_result["task_loss"], dkd_result["task_loss"])
     assert not torch.allclose(aekt_result["kd_loss"], dkd_result["kd_loss"])
     z = dkd_result["output"]
-    assert dkd_task.loss_kwargs == dict(
-        temperature=aekt_plugin.DEFAULTS.temperature,
-        alpha=aekt_plugin.DEFAULTS.alpha,
-        beta=aekt_plugin.DEFAULTS.beta,
-        standardize=False,
-    )
+    assert isinstance(dkd_task.distill_loss, DKDLoss) and dkd_task.distill_loss.options() == DKDLoss().options()
     torch.testing.assert_close(dkd_result["kd_loss"], dkd_loss(z, v, y))
 
 
@@ -432,6 +427,41 @@ def test_dkd_task_refuses_bad_options_and_names_itself_without_a_clock():
     task, _, _ = make_task(task_class=DKDDistillationTask, warmup_epochs=2)
     with pytest.raises(RuntimeError, match="DKDDistillationTask has no warm-up clock"):
         task(*batch())
+
+
+@pytest.mark.parametrize(
+    "distill_loss, loss_function",
+    [
+        (KDLoss(temperature=2.0), lambda z, v, y: kd_loss(z, v, temperature=2.0)),
+        (DKDLoss(beta=3.0, standardize=True), lambda z, v, y: dkd_loss(z, v, y, beta=3.0, standardize=True)),
+        (AEKTLoss(max_weight=2.0), lambda z, v, y: aekt_loss(z, v, y, max_weight=2.0)),
+    ],
+)
+def test_the_task_takes_its_distillation_loss_as_a_value(distill_loss, loss_function):
+    task, student, teacher = make_task(order=None, distill_loss=distill_loss)
+    assert task.distill_loss is distill_loss
+    x, y = batch()
+    result = task(x, y)
+    with torch.no_grad():
+        v = teacher.eval()(x)
+    torch.testing.assert_close(result["kd_loss"], loss_function(result["output"], v, y))
+
+
+def test_the_task_weights_its_terms_as_timms_logit_distillation_does():
+    x, y = batch()
+    for kwargs, weights in (
+        ({}, (1.0, 1.0)),
+        ({"task_loss_weight": 0.3}, (0.3, 0.7)),  # complementary, as timm's train.py --task-loss-weight
+        ({"distill_loss_weight": 2.0}, (1.0, 2.0)),
+        ({"task_loss_weight": 0.5, "distill_loss_weight": 4.0}, (0.5, 4.0)),
+    ):
+        task, _, _ = make_task(order=None, **kwargs)
+        assert (task.task_loss_weight, task.distill_loss_weight) == weights
+        result = task(x, y)
+        torch.testing.assert_close(result["loss"], weights[0] * result["task_loss"] + weights[1] * result["kd_loss"])
+    with pytest.warns(FutureWarning, match="task_loss_weight"):
+        task, _, _ = make_task(order=None, ce_weight=0.7)
+    assert (task.task_loss_weight, task.distill_loss_weight) == (0.7, 1.0)
 
 
 def test_task_passes_standardize_and_a_learnable_temperature_to_the_loss():
@@ -511,7 +541,6 @@ def test_warmup_follows_timms_update_hook_and_set_epoch():
     assert by_epoch.kd_warmup == 1.0
 
 
-@needs_task_checkpoint_api
 def test_checkpoint_state_keeps_the_warmup_clock():
     task, student, _ = make_task(warmup_epochs=2, updates_per_epoch=10)
     task.step_update(7)
@@ -525,7 +554,6 @@ def test_checkpoint_state_keeps_the_warmup_clock():
     torch.testing.assert_close(resumed.get_eval_model()(x), student(x))
 
 
-@needs_task_checkpoint_api
 def test_ema_follows_the_student():
     task, student, _ = make_task(order="kd_cls")
     ema = task.setup_ema(decay=0.5)
@@ -744,7 +772,7 @@ def test_a_compiled_task_does_not_recompile_as_the_warmup_advances():
         task.update_ema(step=step + 1)
         factors.append(
             float(result["kd_loss"].detach())
-            / float(aekt_plugin.aekt_loss(result["output"].detach(), task.teacher(x), y, **task.loss_kwargs))
+            / float(aekt_plugin.aekt_loss(result["output"].detach(), task.teacher(x), y, **task.distill_loss.options()))
         )
     # Two one-time switches (the first update_ema, the first teacher check) may compile once each; after
     # them the steps reuse the compiled code while the warm-up factor keeps rising.

@@ -7,6 +7,7 @@ The same functions drive ``benchmarks/accuracy.py``: :func:`main_methods` (the f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ def package_defaults() -> dict[str, Any]:
     """A copy of :data:`aekt_plugin.DEFAULTS` (read when called, so a run records what it used)."""
     import aekt_plugin
 
-    return dict(aekt_plugin.DEFAULTS)
+    return dataclasses.asdict(aekt_plugin.DEFAULTS)
 
 
 def main_methods(*, beta: float = SMALL_PROBLEM_BETA, temperature: float | None = None) -> list[MethodConfig]:
