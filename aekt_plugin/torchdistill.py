@@ -57,7 +57,6 @@ which that config names under ``dependencies:``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -88,9 +87,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 __all__ = [
-    "AEKTLoss",
     "AEKTSerialStudent",
-    "DKDLoss",
+    "IODictLoss",
     "LOSS_KEYS",
     "MODEL_KEYS",
     "PROCESS_KEYS",
@@ -102,7 +100,6 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _IO_TYPES = ("input", "output")
-_REDUCTIONS = {"mean": "mean", "batchmean": "mean", "sum": "sum", "none": "none"}
 
 
 def _check_module_path(name: str, value: object) -> str:
@@ -121,10 +118,9 @@ def _check_module_io(name: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def _check_reduction(value: object) -> str:
-    if value not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {tuple(_REDUCTIONS)}, got {value!r}")
-    return _REDUCTIONS[value]  # type: ignore[index]
+def _check_reduction(value: object) -> object:
+    """torchdistill's ``'batchmean'`` is the core's ``'mean'``; other values go to the core's own check."""
+    return "mean" if value == "batchmean" else value
 
 
 def _check_warmup_steps(value: object) -> int:
@@ -163,29 +159,60 @@ def _read_logits(io_dict: Mapping[str, Any], side: str, path: str, io: str, loss
     return value
 
 
-class _IOLogitLoss(nn.Module):
-    """Shared part of the torchdistill losses: read logits from the io dicts, call the core criterion
-    (which holds and checks the loss options), apply the warm-up factor."""
+class IODictLoss(nn.Module):
+    r"""A distillation loss on logits read from torchdistill's io dicts: ``criterion(z, v, targets)``, times
+    an optional linear warm-up, where ``z = student_io_dict[student_module_path][student_module_io]`` and
+    ``v`` the teacher's logits likewise.
 
-    _loss_name = "loss"
+    ``criterion`` is a core loss module (:class:`aekt_plugin.AEKTLoss`, :class:`~aekt_plugin.DKDLoss`,
+    :class:`~aekt_plugin.KDLoss`) or any module with their call signature. The registered yaml keys
+    ``AEKTLoss`` and ``DKDLoss`` build one from the yaml's kwargs: the io-dict keys below go to this
+    wrapper, every other key to the core module, whose options they are (``temperature``, ``alpha``,
+    ``beta``, ``max_weight``, ``normalize_weight``, ``reduction`` — ``'batchmean'`` is taken as
+    ``'mean'``, as torchdistill's KD configs spell it —, ``ignore_index``, ``standardize``,
+    ``validate_args``, ...; see :func:`aekt_plugin.aekt_loss`). Options left out take the package
+    defaults.
+
+    .. warning::
+        ``alpha`` is **not** torchdistill ``KDLoss``'s cross-entropy weight: it scales TCKD. These losses
+        contain no cross-entropy; give the CE term its own ``sub_terms`` entry in ``WeightedSumLoss``.
+
+    Args:
+        criterion: the distillation loss module.
+        student_module_path: module path of the student's distillation logits (``'.'``: the model output;
+            ``'kd_logits'`` with :class:`AEKTSerialStudent`; ``'fc'`` for a hooked classifier).
+        student_module_io: ``'input'`` or ``'output'`` of that module.
+        teacher_module_path: module path of the teacher's logits.
+        teacher_module_io: ``'input'`` or ``'output'`` of that module.
+        warmup_steps: linear warm-up ``min(step/warmup_steps, 1)`` over the first optimiser steps, from 0;
+            ``0`` disables it. torchdistill's ``WeightedSumLoss`` weights are constants, so the warm-up
+            lives here; select the box processes ``aekt_pre_epoch_process`` and
+            ``aekt_post_forward_process`` so that it counts optimiser steps and resumes with the run
+            (without them it counts training forward calls, and says so once).
+        name: how errors call this loss (the yaml key).
+    """
 
     def __init__(
         self,
-        student_module_path: str,
-        student_module_io: str,
-        teacher_module_path: str,
-        teacher_module_io: str,
-        *,
         criterion: nn.Module,
-        warmup_steps: int,
+        student_module_path: str = ".",
+        student_module_io: str = "output",
+        teacher_module_path: str = ".",
+        teacher_module_io: str = "output",
+        *,
+        warmup_steps: int = 0,
+        name: str = "IODictLoss",
     ) -> None:
         super().__init__()
+        if not callable(criterion):
+            raise TypeError(f"criterion must be a loss module, got {type(criterion).__name__}")
         self.student_module_path = _check_module_path("student_module_path", student_module_path)
         self.student_module_io = _check_module_io("student_module_io", student_module_io)
         self.teacher_module_path = _check_module_path("teacher_module_path", teacher_module_path)
         self.teacher_module_io = _check_module_io("teacher_module_io", teacher_module_io)
         self.warmup_steps = _check_warmup_steps(warmup_steps)
         self.criterion = criterion
+        self.name = name
         self.warmup = KDWarmup(steps=self.warmup_steps)
         self.driven_by_box = False  # set by the aekt box processes, which then advance the clock
 
@@ -211,13 +238,9 @@ class _IOLogitLoss(nn.Module):
             targets: class indices ``(B,)`` (or ``(B, C)`` probabilities: their argmax is the target class).
         """
         if targets is None:
-            raise ValueError(f"{self._loss_name} needs the targets (class labels); torchdistill passed None")
-        z = _read_logits(
-            student_io_dict, "student", self.student_module_path, self.student_module_io, self._loss_name
-        )
-        v = _read_logits(
-            teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io, self._loss_name
-        )
+            raise ValueError(f"{self.name} needs the targets (class labels); torchdistill passed None")
+        z = _read_logits(student_io_dict, "student", self.student_module_path, self.student_module_io, self.name)
+        v = _read_logits(teacher_io_dict, "teacher", self.teacher_module_path, self.teacher_module_io, self.name)
         loss = self.criterion(z, v, targets)
         if self.warmup_steps == 0:
             return loss
@@ -225,8 +248,8 @@ class _IOLogitLoss(nn.Module):
         if not self.driven_by_box and torch.is_grad_enabled() and z.requires_grad:
             warn_once(
                 "torchdistill-warmup-clock",
-                f"{self._loss_name}: warmup_steps counts training forward calls, because the box does not "
-                "advance the warm-up; select train.pre_epoch_process: 'aekt_pre_epoch_process' and "
+                f"{self.name}: warmup_steps counts training forward calls, because the box does not advance "
+                "the warm-up; select train.pre_epoch_process: 'aekt_pre_epoch_process' and "
                 "train.post_forward_process: 'aekt_post_forward_process' to count optimiser steps and to "
                 "resume the warm-up with the run",
             )
@@ -234,7 +257,29 @@ class _IOLogitLoss(nn.Module):
         return loss * factor.to(loss.dtype)
 
 
-def _aekt_losses(criterion: object) -> Iterator[_IOLogitLoss]:
+_WRAPPER_KEYS = ("student_module_path", "student_module_io", "teacher_module_path", "teacher_module_io", "warmup_steps")
+
+
+def _io_dict_loss(key: str, loss_class: Callable[..., nn.Module]) -> Callable[..., IODictLoss]:
+    """The registered builder of ``key``: the io-dict keys of the yaml go to :class:`IODictLoss`, every
+    other key to ``loss_class``."""
+
+    def build(**kwargs: Any) -> IODictLoss:
+        wrapper = {name: kwargs.pop(name) for name in _WRAPPER_KEYS if name in kwargs}
+        if "reduction" in kwargs:
+            kwargs["reduction"] = _check_reduction(kwargs["reduction"])
+        try:
+            criterion = loss_class(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{key}: {error}") from None
+        return IODictLoss(criterion, **wrapper, name=key)
+
+    build.__name__ = build.__qualname__ = key
+    build.__doc__ = f"``{key}`` in a torchdistill yaml: :class:`IODictLoss` around :class:`aekt_plugin.{key}`."
+    return build
+
+
+def _aekt_losses(criterion: object) -> Iterator[IODictLoss]:
     """The AEKT/DKD losses inside a torchdistill criterion (its ``term_dict`` holds them outside the module
     tree)."""
     seen: set[int] = set()
@@ -244,7 +289,7 @@ def _aekt_losses(criterion: object) -> Iterator[_IOLogitLoss]:
         if id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, _IOLogitLoss):
+        if isinstance(item, IODictLoss):
             yield item
         if isinstance(item, nn.Module):
             stack.extend(item.children())
@@ -252,19 +297,29 @@ def _aekt_losses(criterion: object) -> Iterator[_IOLogitLoss]:
             stack.append(entry[0] if isinstance(entry, tuple) else entry)
 
 
+def _updates_before(box: Any, epoch: int) -> int:
+    """Optimiser updates the box has made in its current stage before ``epoch``: torchdistill counts forward
+    passes across the stage (``stage_grad_count``) and steps every ``grad_accum_step`` of them."""
+    first_epoch = 0
+    stage = getattr(box, "stage_number", None)
+    if stage is not None:  # a multi-stage box: the stage began num_epochs of it before its end
+        first_epoch = box.stage_end_epoch - box.train_config[f"stage{stage}"]["num_epochs"]
+    accumulation = max(int(getattr(box, "grad_accum_step", 1) or 1), 1)
+    return (epoch - first_epoch) * len(box.train_data_loader) // accumulation
+
+
 def aekt_pre_epoch_process(self: Any, epoch: int | None = None, **kwargs: Any) -> None:
     """torchdistill's pre-epoch process, plus: the teacher goes to eval mode, and the warm-up clock of every
-    AEKT/DKD loss moves to the first optimiser step of ``epoch`` (so a resumed run continues its warm-up)."""
+    AEKT/DKD loss is set to the optimiser updates made before ``epoch`` (so a resumed run continues its
+    warm-up exactly, with any ``grad_accum_step``)."""
     default_pre_epoch_process_with_teacher(self, epoch=epoch, **kwargs)
     teacher = getattr(self, "teacher_model", None)
     if isinstance(teacher, nn.Module) and not getattr(self, "teacher_updatable", False):
         teacher.eval()
-    steps_per_epoch = math.ceil(
-        len(self.train_data_loader) / max(int(getattr(self, "grad_accum_step", 1)), 1)
-    )
+    updates = 0 if epoch is None else _updates_before(self, int(epoch))
     for loss in _aekt_losses(self.criterion):
         loss.driven_by_box = True
-        loss.warmup.set_step(0 if epoch is None else int(epoch) * steps_per_epoch)
+        loss.warmup.set_step(updates)
 
 
 def aekt_post_forward_process(self: Any, loss: Tensor, metrics: Any = None, **kwargs: Any) -> None:
@@ -275,135 +330,6 @@ def aekt_post_forward_process(self: Any, loss: Tensor, metrics: Any = None, **kw
         for aekt_loss in _aekt_losses(self.criterion):
             aekt_loss.driven_by_box = True
             aekt_loss.warmup.step()
-
-
-class AEKTLoss(_IOLogitLoss):
-    r"""AEKT as a torchdistill mid-level loss (registered as ``AEKTLoss``).
-
-    Per sample, with ``z`` read from ``student_io_dict[student_module_path][student_module_io]`` and ``v``
-    from the teacher's io dict:
-
-    .. math::
-
-        L = T^2 \left( \alpha \cdot \min\!\left(\frac{q_t}{p_t}, w_{max}\right) \cdot \mathrm{TCKD}
-            + \beta \cdot \mathrm{NCKD} \right)
-
-    with the weight a stop-gradient constant (divided by its batch mean when ``normalize_weight``). The
-    arguments follow torchdistill's ``KDLoss``; defaults come from :data:`aekt_plugin.DEFAULTS`.
-
-    .. warning::
-        ``alpha`` is **not** ``KDLoss``'s cross-entropy weight: it scales TCKD. This loss contains no
-        cross-entropy; give the CE term its own ``sub_terms`` entry in ``WeightedSumLoss``.
-
-    Args:
-        student_module_path: module path of the student's distillation logits (``'.'``: the model output;
-            ``'kd_logits'`` with :class:`AEKTSerialStudent`; ``'fc'`` for a hooked classifier).
-        student_module_io: ``'input'`` or ``'output'`` of that module.
-        teacher_module_path: module path of the teacher's logits.
-        teacher_module_io: ``'input'`` or ``'output'`` of that module.
-        temperature: ``T`` in ``[1e-4, 1e4]`` (a number from yaml; from Python also a 0-d tensor, e.g. a
-            learnable ``nn.Parameter``, which then receives ``dL/dT``).
-        alpha: ``α >= 0``, scale of the explicit (TCKD) term.
-        beta: ``β >= 0``, weight of the implicit (NCKD) term.
-        max_weight: ``w_max > 0`` bounding ``q_t/p_t``.
-        normalize_weight: divide the weight by its batch mean.
-        reduction: ``'mean'`` (alias ``'batchmean'``, as torchdistill's KD configs spell it), ``'sum'`` or
-            ``'none'``.
-        ignore_index: samples whose class index equals it are left out (``-100``, as cross-entropy;
-            ``null``: none); for dense logits such as segmentation, e.g. ``255``.
-        standardize: logit standardization of student and teacher first (Sun et al., CVPR 2024).
-        warmup_steps: linear warm-up ``min(step/warmup_steps, 1)`` over the first optimiser steps, from 0;
-            ``0`` disables it. torchdistill's ``WeightedSumLoss`` weights are constants, so the warm-up
-            lives here; select the box processes ``aekt_pre_epoch_process`` and
-            ``aekt_post_forward_process`` so that it counts optimiser steps and resumes with the run
-            (without them it counts training forward calls, and says so once).
-        validate_args: passed to :func:`aekt_plugin.aekt_loss` (``False`` for AMP).
-    """
-
-    _loss_name = "AEKTLoss"
-
-    def __init__(
-        self,
-        student_module_path: str,
-        student_module_io: str,
-        teacher_module_path: str,
-        teacher_module_io: str,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        alpha: float = DEFAULTS.alpha,
-        beta: float = DEFAULTS.beta,
-        max_weight: float = DEFAULTS.max_weight,
-        normalize_weight: bool = DEFAULTS.normalize_weight,
-        reduction: str = "mean",
-        ignore_index: int | None = -100,
-        standardize: bool = False,
-        warmup_steps: int = 0,
-        validate_args: bool = True,
-    ) -> None:
-        criterion = core.AEKTLoss(
-            temperature=temperature,
-            alpha=alpha,
-            beta=beta,
-            max_weight=max_weight,
-            normalize_weight=normalize_weight,
-            reduction=_check_reduction(reduction),
-            ignore_index=ignore_index,
-            standardize=standardize,
-            validate_args=validate_args,
-        )
-        super().__init__(
-            student_module_path,
-            student_module_io,
-            teacher_module_path,
-            teacher_module_io,
-            criterion=criterion,
-            warmup_steps=warmup_steps,
-        )
-
-
-class DKDLoss(_IOLogitLoss):
-    r"""Decoupled KD (Zhao et al., CVPR 2022) as a torchdistill mid-level loss (registered as ``DKDLoss``).
-
-    .. math:: L = T^2 \left( \alpha \cdot \mathrm{TCKD} + \beta \cdot \mathrm{NCKD} \right)
-
-    computed by :func:`aekt_plugin.dkd_loss` from log-sum-exps (finite where mdistiller's code is not).
-    Arguments as :class:`AEKTLoss` without ``max_weight``/``normalize_weight``; like it, no cross-entropy
-    is included.
-    """
-
-    _loss_name = "DKDLoss"
-
-    def __init__(
-        self,
-        student_module_path: str,
-        student_module_io: str,
-        teacher_module_path: str,
-        teacher_module_io: str,
-        temperature: float | Tensor = DEFAULTS.temperature,
-        alpha: float = DEFAULTS.alpha,
-        beta: float = DEFAULTS.beta,
-        reduction: str = "mean",
-        ignore_index: int | None = -100,
-        standardize: bool = False,
-        warmup_steps: int = 0,
-        validate_args: bool = True,
-    ) -> None:
-        criterion = core.DKDLoss(
-            temperature=temperature,
-            alpha=alpha,
-            beta=beta,
-            reduction=_check_reduction(reduction),
-            ignore_index=ignore_index,
-            standardize=standardize,
-            validate_args=validate_args,
-        )
-        super().__init__(
-            student_module_path,
-            student_module_io,
-            teacher_module_path,
-            teacher_module_io,
-            criterion=criterion,
-            warmup_steps=warmup_steps,
-        )
 
 
 class AEKTSerialStudent(SerialStudent):
@@ -495,7 +421,8 @@ class AEKTSerialStudent(SerialStudent):
         return fold_serial(self.model, self.serial, [classifier_path]).eval()
 
 
-LOSS_KEYS: tuple[str, ...] = ("AEKTLoss", "DKDLoss")
+_LOSS_BUILDERS = {key: _io_dict_loss(key, getattr(core, key)) for key in ("AEKTLoss", "DKDLoss")}
+LOSS_KEYS: tuple[str, ...] = tuple(_LOSS_BUILDERS)
 """Keys under which :func:`register` puts the losses in torchdistill's mid-level loss registry."""
 MODEL_KEYS: tuple[str, ...] = ("AEKTSerialStudent",)
 """Keys under which :func:`register` puts the models in torchdistill's model registry."""
@@ -535,8 +462,8 @@ def register() -> None:
     and re-registers only what is missing or belongs to another object (with a warning when that object
     is not ours).
     """
-    _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "AEKTLoss", AEKTLoss)
-    _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, "DKDLoss", DKDLoss)
+    for key, builder in _LOSS_BUILDERS.items():
+        _register_one(MIDDLE_LEVEL_LOSS_DICT, register_mid_level_loss, key, builder)
     _register_one(MODEL_DICT, register_model, "AEKTSerialStudent", AEKTSerialStudent)
     _register_one(
         PRE_EPOCH_PROC_FUNC_DICT,

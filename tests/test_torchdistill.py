@@ -79,6 +79,17 @@ OPTIONS = {
 CORE = {"AEKTLoss": aekt_loss, "DKDLoss": dkd_loss}
 
 
+def _yaml_loss(key: str, path: str = ".", io: str = "output", teacher_path: str = ".", teacher_io: str = "output", **kwargs):
+    """The loss a yaml's ``criterion: {key: KEY, kwargs: {...}}`` builds, through torchdistill's registry."""
+    return MIDDLE_LEVEL_LOSS_DICT[key](
+        student_module_path=path,
+        student_module_io=io,
+        teacher_module_path=teacher_path,
+        teacher_module_io=teacher_io,
+        **kwargs,
+    )
+
+
 def _criterion_from_yaml(tmp_path: Path, key: str, options: dict, weight: float = 0.7):
     extra = "\n".join(f"            {k}: {v}" for k, v in options.items())
     path = tmp_path / "criterion.yaml"
@@ -106,13 +117,15 @@ def test_import_aekt_plugin_does_not_import_torchdistill():
 
 
 def test_import_registers_losses_and_models_with_torchdistill():
-    assert MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] is td.AEKTLoss
-    assert MIDDLE_LEVEL_LOSS_DICT["DKDLoss"] is td.DKDLoss
+    for key in td.LOSS_KEYS:
+        built = MIDDLE_LEVEL_LOSS_DICT[key](student_module_path=".", student_module_io="output", beta=2.0)
+        assert isinstance(built, td.IODictLoss) and type(built.criterion) is getattr(aekt_plugin, key)
+        assert built.criterion.beta == 2.0
     assert MODEL_DICT["AEKTSerialStudent"] is td.AEKTSerialStudent
     assert PRE_EPOCH_PROC_FUNC_DICT["aekt_pre_epoch_process"] is td.aekt_pre_epoch_process
     assert POST_FORWARD_PROC_FUNC_DICT["aekt_post_forward_process"] is td.aekt_post_forward_process
     # torchdistill's own losses keep their keys: ours are named apart from its KDLoss
-    assert MIDDLE_LEVEL_LOSS_DICT["KDLoss"] is not td.AEKTLoss
+    assert MIDDLE_LEVEL_LOSS_DICT["KDLoss"] not in [MIDDLE_LEVEL_LOSS_DICT[key] for key in td.LOSS_KEYS]
 
 
 @pytest.mark.slow
@@ -141,12 +154,14 @@ def test_foreign_registration_under_our_key_is_replaced_with_a_warning(caplog):
     class Impostor(nn.Module):
         pass
 
+    ours = MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"]
     MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] = Impostor
     try:
         with caplog.at_level(logging.WARNING, logger=td.__name__):
             td.register()
+        assert MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] is not Impostor
     finally:
-        MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] = td.AEKTLoss
+        MIDDLE_LEVEL_LOSS_DICT["AEKTLoss"] = ours
     assert "AEKTLoss" in caplog.text and "Impostor" in caplog.text
 
 
@@ -157,8 +172,9 @@ def test_importing_twice_in_a_fresh_interpreter_keeps_one_registration():
         "import aekt_plugin.torchdistill as a\n"
         "first = r.MIDDLE_LEVEL_LOSS_DICT['AEKTLoss']\n"
         "importlib.reload(a)\n"
-        "assert r.MIDDLE_LEVEL_LOSS_DICT['AEKTLoss'] is a.AEKTLoss\n"
-        "assert first.__qualname__ == a.AEKTLoss.__qualname__\n"
+        "second = r.MIDDLE_LEVEL_LOSS_DICT['AEKTLoss']\n"
+        "assert second.__module__ == first.__module__ and second.__qualname__ == first.__qualname__\n"
+        "assert isinstance(second(student_module_path='.'), a.IODictLoss)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -181,7 +197,7 @@ def test_loss_from_yaml_in_weighted_sum_equals_core_plus_ce(tmp_path, key):
     expected = nn.functional.cross_entropy(out, y) + 0.7 * CORE[key](z, v, y, **OPTIONS[key])
     torch.testing.assert_close(total, expected)
     kd_term = criterion.term_dict["kd"][0]
-    assert isinstance(kd_term, td.AEKTLoss if key == "AEKTLoss" else td.DKDLoss)
+    assert isinstance(kd_term, td.IODictLoss) and type(kd_term.criterion) is getattr(aekt_plugin, key)
     torch.testing.assert_close(kd_term(io["student"], io["teacher"], y), CORE[key](z, v, y, **OPTIONS[key]))
 
 
@@ -198,12 +214,12 @@ def test_gradients_reach_the_student_logits_only(tmp_path, key):
 
 @pytest.mark.parametrize("key", ["AEKTLoss", "DKDLoss"])
 def test_defaults_come_from_the_package_defaults(key):
-    loss = MIDDLE_LEVEL_LOSS_DICT[key](".", "output", ".", "output")
+    loss = _yaml_loss(key)
     names = ["temperature", "alpha", "beta"]
     if key == "AEKTLoss":
         names += ["max_weight", "normalize_weight"]
     for name in names:
-        assert getattr(loss.criterion, name) == aekt_plugin.DEFAULTS[name]
+        assert getattr(loss.criterion, name) == getattr(aekt_plugin.DEFAULTS, name)
     z, v, y = _logits(seed=2)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
     torch.testing.assert_close(loss(io_s, io_t, y), CORE[key](z, v, y))
@@ -212,9 +228,9 @@ def test_defaults_come_from_the_package_defaults(key):
 def test_batchmean_is_the_per_sample_mean_and_none_keeps_samples():
     z, v, y = _logits(seed=3)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
-    per_sample = td.AEKTLoss(".", "output", ".", "output", reduction="none")(io_s, io_t, y)
+    per_sample = _yaml_loss("AEKTLoss", reduction="none")(io_s, io_t, y)
     assert per_sample.shape == (16,)
-    batchmean = td.AEKTLoss(".", "output", ".", "output", reduction="batchmean")(io_s, io_t, y)
+    batchmean = _yaml_loss("AEKTLoss", reduction="batchmean")(io_s, io_t, y)
     torch.testing.assert_close(batchmean, aekt_loss(z, v, y, reduction="mean"))
 
 
@@ -224,7 +240,7 @@ def test_the_kernel_options_pass_through(key):
     y[::3] = 255  # ignored samples, as in a segmentation mask
     temperature = nn.Parameter(torch.tensor(3.0))
     options = {"ignore_index": 255, "standardize": True, "temperature": temperature}
-    loss = getattr(td, key)(".", "output", ".", "output", **options)
+    loss = _yaml_loss(key, **options)
     value = loss({".": {"output": z}}, {".": {"output": v}}, y)
     torch.testing.assert_close(value, CORE[key](z, v, y, **options))
     value.backward()
@@ -234,7 +250,7 @@ def test_the_kernel_options_pass_through(key):
 
 def test_input_io_reads_the_hooked_module_input():
     z, v, y = _logits(seed=4)
-    loss = td.DKDLoss("head", "input", "head", "input")
+    loss = _yaml_loss("DKDLoss", "head", "input", "head", "input")
     value = loss({"head": {"input": z, "output": None}}, {"head": {"input": v}}, y)
     torch.testing.assert_close(value, dkd_loss(z, v, y))
 
@@ -243,7 +259,7 @@ def test_without_the_box_processes_the_warmup_counts_training_forwards_and_says_
     z, v, y = _logits(seed=5)
     z.requires_grad_(True)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
-    loss = td.AEKTLoss(".", "output", ".", "output", warmup_steps=4)
+    loss = _yaml_loss("AEKTLoss", warmup_steps=4)
     full = aekt_loss(z, v, y).detach()
     with torch.no_grad():  # evaluation passes do not advance the warm-up
         loss(io_s, io_t, y)
@@ -275,7 +291,7 @@ class _Box:
 def test_the_box_processes_count_optimiser_steps_and_resume_from_the_epoch():
     z, v, y = _logits(seed=6)
     io_s, io_t = {".": {"output": z}}, {".": {"output": v}}
-    kd = td.DKDLoss(".", "output", ".", "output", warmup_steps=6)
+    kd = _yaml_loss("DKDLoss", warmup_steps=6)
     criterion = get_high_level_loss(
         {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}}
     )
@@ -288,7 +304,7 @@ def test_the_box_processes_count_optimiser_steps_and_resume_from_the_epoch():
         out = box.student_model(torch.randn(1, 2)).sum() * 0
         td.aekt_post_forward_process(box, loss=out)
     assert factors == pytest.approx([0.0, 0.0, 1 / 6, 1 / 6])
-    resumed = td.DKDLoss(".", "output", ".", "output", warmup_steps=6)
+    resumed = _yaml_loss("DKDLoss", warmup_steps=6)
     fresh_box = _Box(
         get_high_level_loss(
             {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": resumed, "weight": 1.0}}}}
@@ -302,26 +318,65 @@ def test_the_box_processes_count_optimiser_steps_and_resume_from_the_epoch():
     torch.testing.assert_close(value, dkd_loss(z, v, y) * (4 / 6))
 
 
+def test_the_epoch_start_counts_the_updates_torchdistill_made_with_uneven_accumulation():
+    """torchdistill counts forwards across the stage and steps every grad_accum_step of them: 10 batches
+    and grad_accum_step=3 make 10 updates in 3 epochs, not 3·ceil(10/3) = 12."""
+    kd = _yaml_loss("DKDLoss", warmup_steps=20)
+    criterion = get_high_level_loss(
+        {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}}}
+    )
+    box = _Box(criterion, batches_per_epoch=10, grad_accum_step=3)
+    td.aekt_pre_epoch_process(box, epoch=0)
+    for _ in range(30):  # three epochs, uninterrupted
+        td.aekt_post_forward_process(box, loss=box.student_model(torch.randn(1, 2)).sum() * 0)
+    assert float(kd.warmup.steps) == 10
+    td.aekt_pre_epoch_process(box, epoch=3)
+    assert float(kd.warmup.steps) == 10
+    resumed = _yaml_loss("DKDLoss", warmup_steps=20)
+    resumed_box = _Box(
+        get_high_level_loss(
+            {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": resumed, "weight": 1.0}}}}
+        ),
+        batches_per_epoch=10,
+        grad_accum_step=3,
+    )
+    td.aekt_pre_epoch_process(resumed_box, epoch=3)
+    assert float(resumed.warmup.steps) == 10
+    # a multi-stage box builds each stage's criterion anew and counts from the stage's first epoch
+    stage_two = _yaml_loss("DKDLoss", warmup_steps=20)
+    stage_box = _Box(
+        get_high_level_loss(
+            {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"criterion": stage_two, "weight": 1.0}}}}
+        ),
+        batches_per_epoch=10,
+        grad_accum_step=3,
+    )
+    stage_box.stage_number, stage_box.stage_end_epoch = 2, 9  # stage 2 runs epochs 4-8
+    stage_box.train_config = {"stage1": {"num_epochs": 4}, "stage2": {"num_epochs": 5}}
+    td.aekt_pre_epoch_process(stage_box, epoch=6)
+    assert float(stage_two.warmup.steps) == 2 * 10 // 3
+
+
 # ------------------------------------------------------------------------------------------ bad configs
 
 
 def test_missing_student_module_path_names_the_path():
     z, v, y = _logits()
-    loss = td.AEKTLoss("fc", "output", ".", "output")
+    loss = _yaml_loss("AEKTLoss", "fc", "output", ".", "output")
     with pytest.raises(ValueError, match=r"student_module_path 'fc'.*forward_hook"):
         loss({".": {"output": z}}, {".": {"output": v}}, y)
 
 
 def test_missing_teacher_module_path_names_the_path():
     z, v, y = _logits()
-    loss = td.DKDLoss(".", "output", "classifier", "output")
+    loss = _yaml_loss("DKDLoss", ".", "output", "classifier", "output")
     with pytest.raises(ValueError, match=r"teacher_module_path 'classifier'"):
         loss({".": {"output": z}}, {".": {"output": v}}, y)
 
 
 def test_missing_io_key_names_the_io_and_the_path():
     z, v, y = _logits()
-    loss = td.AEKTLoss("fc", "input", ".", "output")
+    loss = _yaml_loss("AEKTLoss", "fc", "input", ".", "output")
     with pytest.raises(ValueError, match=r"student_module_io 'input'.*'fc'") as info:
         loss({"fc": {"output": z}}, {".": {"output": v}}, y)
     assert not isinstance(info.value, KeyError)
@@ -329,7 +384,7 @@ def test_missing_io_key_names_the_io_and_the_path():
 
 def test_tuple_output_asks_for_a_classifier_hook():
     z, v, y = _logits()
-    loss = td.AEKTLoss(".", "output", ".", "output")
+    loss = _yaml_loss("AEKTLoss")
     with pytest.raises(TypeError, match=r"tuple.*hook its classifier"):
         loss({".": {"output": (z, z)}}, {".": {"output": v}}, y)
 
@@ -360,10 +415,12 @@ def test_bad_constructor_values_fail_when_the_box_is_built_naming_the_key(kwargs
         get_mid_level_loss({"key": "AEKTLoss", "kwargs": config})
 
 
-def test_missing_constructor_path_names_the_argument():
-    with pytest.raises(TypeError, match="teacher_module_path"):
-        kwargs = {"student_module_path": ".", "student_module_io": "output", "teacher_module_io": "output"}
-        get_mid_level_loss({"key": "DKDLoss", "kwargs": kwargs})
+def test_omitted_module_paths_read_the_models_own_outputs():
+    loss = get_mid_level_loss({"key": "DKDLoss", "kwargs": {"beta": 2.0}})
+    assert (loss.student_module_path, loss.student_module_io) == (".", "output")
+    assert (loss.teacher_module_path, loss.teacher_module_io) == (".", "output")
+    z, v, y = _logits(seed=8)
+    torch.testing.assert_close(loss({".": {"output": z}}, {".": {"output": v}}, y), dkd_loss(z, v, y, beta=2.0))
 
 
 # ---------------------------------------------------------------------------------------- serial layer
@@ -501,7 +558,7 @@ def test_cifar100_config_builds_and_takes_a_step_through_the_distillation_box(na
     datasets = {key: data for key in config["datasets"]}
     box = get_distillation_box(teacher, student, datasets, train, torch.device("cpu"), None, False, 1)
     kd = box.criterion.term_dict["kd"][0]
-    assert isinstance(kd, td.AEKTLoss) and kd.warmup_steps > 0
+    assert isinstance(kd, td.IODictLoss) and isinstance(kd.criterion, aekt_plugin.AEKTLoss) and kd.warmup_steps > 0
     box.pre_epoch_process(epoch=0)
     x, y, supp = next(iter(box.train_data_loader))
     loss = box.forward_process(x, y, supp)
@@ -555,7 +612,7 @@ def test_digits_config_runs_end_to_end_through_get_distillation_box():
     box.clean_modules()
 
     kd = box.criterion.term_dict["kd"][0]
-    assert isinstance(kd, td.AEKTLoss) and kd.student_module_path == "kd_logits"
+    assert isinstance(kd, td.IODictLoss) and isinstance(kd.criterion, aekt_plugin.AEKTLoss) and kd.student_module_path == "kd_logits"
     steps_per_epoch = len(box.train_data_loader)
     stage2 = epoch_losses[stage1_epochs:]
     assert kd.warmup_steps <= steps_per_epoch  # so the second distillation epoch is past the warm-up
