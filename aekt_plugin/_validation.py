@@ -272,6 +272,25 @@ def check_temperature_values(temperature: Tensor) -> None:
         )
 
 
+def _check_values_can_be_read() -> None:
+    """``validate_args=True`` reads values, which ``torch.func.vmap`` and ``torch.export`` cannot: say what
+    to pass instead of failing deep inside them."""
+    where = None
+    if torch.compiler.is_exporting():
+        where = "torch.export"
+    elif torch._C._functorch.maybe_current_level() is not None:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(level.key() == TransformType.Vmap for level in retrieve_all_functorch_interpreters()):
+            where = "torch.func.vmap"
+    if where is not None:
+        raise ValueError(
+            f"validate_args=True reads the logits' values, which {where} cannot do; pass validate_args=False "
+            "(shapes, dtypes and options are still checked)"
+        )
+
+
 class Rows(NamedTuple):
     """Checked inputs flattened to rows: ``(B, C)`` logits, int64 classes ``(B,)``, the sample shape, the
     temperature (a number, a 0-d tensor or a ``(B,)`` tensor), and the ignore information: ``keep`` when
@@ -328,6 +347,7 @@ def prepare_rows(
         classes = target_classes(target, student_logits)
     keep = None
     if validate_args:
+        _check_values_can_be_read()
         check_values(student_logits, teacher_logits)
         if isinstance(temperature, Tensor):
             check_temperature_values(temperature)

@@ -271,3 +271,28 @@ def test_grad_scaler_skips_the_step_of_a_batch_with_a_non_finite_logit():
     scaler.update()
     assert torch.equal(model.weight, before)  # the step was skipped
     assert scaler.get_scale() < 65536.0
+
+
+def test_vmap_and_export_with_value_checks_say_what_to_pass():
+    """Value checks read data, which vmap and torch.export cannot: one line saying to pass
+    validate_args=False, and with it both work (export gives the eager value)."""
+    from torch.func import grad, vmap
+
+    z, v = torch.randn(5, 7), torch.randn(5, 7)
+    with pytest.raises(ValueError, match=r"torch\.func\.vmap cannot.*validate_args=False"):
+        vmap(grad(lambda z, v: aekt_plugin.kd_loss(z[None], v[None])))(z, v)
+    per_sample = vmap(grad(lambda z, v: aekt_plugin.kd_loss(z[None], v[None], validate_args=False)))(z, v)
+    assert per_sample.shape == z.shape
+
+    class Distil(torch.nn.Module):
+        def __init__(self, validate_args: bool) -> None:
+            super().__init__()
+            self.validate_args = validate_args
+
+        def forward(self, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return aekt_plugin.kd_loss(z, v, validate_args=self.validate_args)
+
+    with pytest.raises(ValueError, match=r"torch\.export cannot.*validate_args=False"):
+        torch.export.export(Distil(True), (z, v))
+    exported = torch.export.export(Distil(False), (z, v))
+    torch.testing.assert_close(exported.module()(z, v), aekt_plugin.kd_loss(z, v))
