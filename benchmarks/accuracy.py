@@ -43,7 +43,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from protocols import prepare_paperlike  # noqa: E402
-from variants import VariantMethod  # noqa: E402
+from variants import SerialVariant, VariantMethod, method_from_dict  # noqa: E402
 
 from aekt_plugin.demo.protocol import SETTINGS, prepare  # noqa: E402
 from aekt_plugin.demo.report import format_table, plot_results, read_results  # noqa: E402
@@ -116,17 +116,13 @@ def ablation_methods(aekt: MethodConfig) -> tuple[list[MethodConfig], dict[str, 
     for order in (None, "cls_kd", "kd_cls"):
         variants.append(replace(aekt, name=f"AEKT order={order}", order=order))
     for w in (1.0, 2.0, 5.0, 10.0, math.inf):
-        variants.append(replace(aekt, name=f"AEKT w_max={_fmt_w(w)}", max_weight=w))
-    variants.append(
-        replace(
-            aekt,
-            name=f"AEKT normalize_weight={not aekt.normalize_weight}",
-            normalize_weight=not aekt.normalize_weight,
-        )
-    )
+        variants.append(aekt.with_options(f"AEKT w_max={_fmt_w(w)}", max_weight=w))
+    normalize = not aekt.option("normalize_weight")
+    variants.append(aekt.with_options(f"AEKT normalize_weight={normalize}", normalize_weight=normalize))
     s_order = aekt.order or "cls_kd"
-    variants.append(replace(aekt, name=f"AEKT {s_order} residual S", order=s_order, residual=True))
-    variants.append(replace(aekt, name=f"AEKT {s_order} S no wd", order=s_order, s_weight_decay=False))
+    serial = SerialVariant(**_fields(aekt))
+    variants.append(replace(serial, name=f"AEKT {s_order} residual S", order=s_order, residual=True))
+    variants.append(replace(serial, name=f"AEKT {s_order} S no wd", order=s_order, s_weight_decay=False))
     return _dedupe(aekt, variants)
 
 
@@ -134,8 +130,8 @@ def probe_methods(main: Sequence[MethodConfig]) -> list[MethodConfig]:
     """β = 8 (the CIFAR-100 default) for DKD and AEKT: the collapse hazard on small problems."""
     by = {m.name: m for m in main}
     return [
-        replace(by["DKD"], name="DKD beta=8", beta=8.0),
-        replace(by["AEKT"], name="AEKT beta=8", beta=8.0),
+        by["DKD"].with_options("DKD beta=8", beta=8.0),
+        by["AEKT"].with_options("AEKT beta=8", beta=8.0),
     ]
 
 
@@ -151,16 +147,16 @@ def search_methods(main: Sequence[MethodConfig]) -> tuple[list[MethodConfig], di
     """The design-space screen around the default AEKT: one change per row (the module docstring of
     ``variants.py`` defines each), plus DKD with each α tried, so that a gain from α alone shows."""
     by = {m.name: m for m in main}
-    aekt = VariantMethod(**by["AEKT"].to_dict() | {"max_weight": by["AEKT"].max_weight})
+    aekt = VariantMethod(**_fields(by["AEKT"]))
     rows: list[MethodConfig] = []
     for alpha in (2.0, 4.0, 8.0):
-        rows.append(replace(aekt, name=f"AEKT α={alpha:g}", alpha=alpha))
-        rows.append(replace(by["DKD"], name=f"DKD α={alpha:g}", alpha=alpha))
+        rows.append(aekt.with_options(f"AEKT α={alpha:g}", alpha=alpha))
+        rows.append(by["DKD"].with_options(f"DKD α={alpha:g}", alpha=alpha))
     for gamma in (0.5, 2.0):
         rows.append(replace(aekt, name=f"AEKT γ={gamma:g}", gamma=gamma))
     for w in (1.0, 2.0, 10.0, math.inf):
-        rows.append(replace(aekt, name=f"AEKT w_max={_fmt_w(w)}", max_weight=w))
-    rows.append(replace(aekt, name="AEKT no batch normalisation", normalize_weight=False))
+        rows.append(aekt.with_options(f"AEKT w_max={_fmt_w(w)}", max_weight=w))
+    rows.append(aekt.with_options("AEKT no batch normalisation", normalize_weight=False))
     rows.append(replace(aekt, name="AEKT one-sided", one_sided=True))
     for gamma in (0.5, 1.0, 2.0):
         rows.append(replace(aekt, name=f"AEKT implicit γ_b={gamma:g}", implicit_gamma=gamma))
@@ -200,8 +196,9 @@ def standardize_methods(main: Sequence[MethodConfig]) -> list[MethodConfig]:
     """KD, DKD and AEKT as in ``main`` with standardized logits, and KD with the standardization recipe of
     Sun et al. (CVPR 2024; their code's ``--logit-stand --base-temp 2 --kd-weight 9``)."""
     by = {m.name: m for m in main}
-    rows = [replace(by[n], name=n + STANDARDIZED, standardize=True) for n in ("KD", "DKD", "AEKT")]
-    rows.append(replace(by["KD"], name="KD +std, T=2, ×9", standardize=True, temperature=2.0, kd_weight=9.0))
+    rows = [by[n].with_options(n + STANDARDIZED, standardize=True) for n in ("KD", "DKD", "AEKT")]
+    recipe = by["KD"].with_options("KD +std, T=2, ×9", standardize=True, temperature=2.0)
+    rows.append(replace(recipe, kd_weight=9.0))
     return rows
 
 
@@ -213,9 +210,10 @@ def calibration_methods() -> list[MethodConfig]:
     """KD at each temperature and DKD at each (temperature, β), α = 1: the grid the gate was sought on."""
     rows = []
     for t in CALIBRATION_TEMPERATURES:
-        rows.append(MethodConfig(f"KD T={t:g}", loss="kd", temperature=t))
+        rows.append(MethodConfig(f"KD T={t:g}", loss="kd", options={"temperature": t}))
         rows += [
-            MethodConfig(f"DKD T={t:g} β={b:g}", loss="dkd", temperature=t, beta=b) for b in CALIBRATION_BETAS
+            MethodConfig(f"DKD T={t:g} β={b:g}", loss="dkd", options={"temperature": t, "beta": b})
+            for b in CALIBRATION_BETAS
         ]
     return rows
 
@@ -240,22 +238,20 @@ def write_calibration_report(json_path: Path, stem: str, title: str) -> str:
     return md
 
 
-def method_from_dict(config: dict[str, Any]) -> MethodConfig:
-    """A method back from its JSON record (a :class:`VariantMethod` where it has variant options)."""
-    c = dict(config)
-    c["max_weight"] = float(c["max_weight"])
-    cls = VariantMethod if "gamma" in c else MethodConfig
-    return cls(**c)
+def _fields(method: MethodConfig) -> dict[str, Any]:
+    """The fields of a plain method, to build one of the benchmark's subclasses from it."""
+    return {f.name: getattr(method, f.name) for f in fields(MethodConfig)}
 
 
 def describe(m: MethodConfig) -> str:
     if m.loss == "ce":
         return "cross-entropy only"
-    parts = [f"T={m.temperature:g}"]
+    o = m.options
+    parts = [f"T={o['temperature']:g}"]
     if m.loss != "kd":
-        parts += [f"α={m.alpha:g}", f"β={m.beta:g}"]
+        parts += [f"α={o['alpha']:g}", f"β={o['beta']:g}"]
     if m.loss == "aekt":
-        parts += [f"w_max={_fmt_w(m.max_weight)}", f"normalize={m.normalize_weight}", f"order={m.order}"]
+        parts += [f"w_max={_fmt_w(o['max_weight'])}", f"normalize={o['normalize_weight']}", f"order={m.order}"]
         if isinstance(m, VariantMethod):
             if m.gamma != 1.0:
                 parts.append(f"γ={m.gamma:g}")
@@ -264,13 +260,14 @@ def describe(m: MethodConfig) -> str:
             if m.implicit_gamma:
                 parts.append(f"implicit γ_b={m.implicit_gamma:g}")
         if m.order is not None:
+            serial = m if isinstance(m, SerialVariant) else SerialVariant(**_fields(m))
             parts.append(
-                ("residual S" if m.residual else "S=I init")
-                + ("" if m.s_weight_decay else ", S no wd")
-                + ("" if m.s_lr_scale == 1 else f", S lr×{m.s_lr_scale:g}")
+                ("residual S" if serial.residual else "S=I init")
+                + ("" if serial.s_weight_decay else ", S no wd")
+                + ("" if serial.s_lr_scale == 1 else f", S lr×{serial.s_lr_scale:g}")
                 + (", detached head" if getattr(m, "detach_head", False) else "")
             )
-    if m.standardize:
+    if o["standardize"]:
         parts.append("standardized logits")
     if m.kd_weight != 1.0:
         parts.append(f"KD weight {m.kd_weight:g}")

@@ -26,6 +26,8 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from variants import SerialVariant
+
 from aekt_plugin.demo.train import MethodConfig, StepFactory, TrainStep
 
 __all__ = ["TIMM_RESNET", "timm_resnet", "timm_step_factory"]
@@ -52,16 +54,18 @@ def timm_resnet(in_chans: int, num_classes: int) -> nn.Module:
 
 
 def _check_supported(method: MethodConfig) -> None:
-    base = {f.name for f in fields(MethodConfig)}
+    base = {f.name for f in fields(SerialVariant)}
     unsupported = [
         f"{f.name}={getattr(method, f.name)!r} (a variant of variants.py; the tasks run the package's losses)"
         for f in fields(method)
         if f.name not in base and getattr(method, f.name) != f.default
     ]
-    if method.loss == "kd" and method.standardize:
+    if isinstance(method, SerialVariant) and (method.s_lr_scale != 1.0 or not method.s_weight_decay):
+        unsupported.append("a serial layer with its own learning rate or weight decay")
+    if method.loss == "kd" and method.option("standardize"):
         unsupported.append("standardize (timm's LogitDistillationTask has no such option)")
-    if method.loss in ("dkd", "aekt") and method.kd_weight != 1.0:
-        unsupported.append("kd_weight (these rows weight the task loss, ce_weight, not the KD term)")
+    if method.loss == "kd" and set(method.options) != {"temperature", "standardize"}:
+        unsupported.append("KD options beyond the temperature (timm's LogitDistillationTask takes no others)")
     if unsupported:
         raise ValueError(f"method {method.name!r}: the timm family cannot run {', '.join(unsupported)}")
 
@@ -70,7 +74,7 @@ def timm_step_factory(teacher: nn.Module) -> StepFactory:
     """A :data:`~aekt_plugin.demo.train.StepFactory` whose steps go through timm tasks with ``teacher``."""
     from timm.task import ClassificationTask, LogitDistillationTask
 
-    from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent, DKDDistillationTask
+    from aekt_plugin.timm import AEKTDistillationTask, AEKTStudent
 
     if not getattr(teacher, "pretrained_cfg", None):
         teacher.pretrained_cfg = {"mean": (0.0,), "std": (1.0,)}
@@ -88,29 +92,23 @@ def timm_step_factory(teacher: nn.Module) -> StepFactory:
                 student,
                 teacher,
                 nn.CrossEntropyLoss(),
-                temperature=method.temperature,
+                temperature=method.option("temperature"),
                 task_loss_weight=method.ce_weight,
                 distill_loss_weight=method.kd_weight,
                 verbose=False,
             )
         else:
-            model = AEKTStudent(student, order=method.order, residual=method.residual)
-            options = dict(temperature=method.temperature, alpha=method.alpha, beta=method.beta)
-            if method.loss == "aekt":
-                options.update(max_weight=method.max_weight, normalize_weight=method.normalize_weight)
-            task_class = AEKTDistillationTask if method.loss == "aekt" else DKDDistillationTask
-            task = task_class(
+            model = AEKTStudent(student, order=method.order, residual=getattr(method, "residual", False))
+            task = AEKTDistillationTask(
                 model,
                 teacher,
                 nn.CrossEntropyLoss(),
-                standardize=method.standardize,
+                distill_loss=method.criterion(),
                 task_loss_weight=method.ce_weight,
-                distill_loss_weight=1.0,
+                distill_loss_weight=method.kd_weight,
                 warmup_epochs=warmup_epochs,
                 updates_per_epoch=steps_per_epoch,
-                validate_args=False,
                 verbose=False,
-                **options,
             )
         task.train()
         ce_weight = method.ce_weight

@@ -16,14 +16,18 @@ option              weight
                     classifier itself learns from the cross-entropy alone
 ==================  ====================================================================================
 
-The serial layer's own learning-rate multiplier, weight decay and residual form are options of
-:class:`aekt_plugin.demo.train.MethodConfig` already.
+The serial layer's own forms are :class:`SerialVariant`'s options: ``residual`` (``z_kd = z_cls + S·z_cls``
+with ``S`` zero-initialised), ``s_weight_decay`` (whether ``S`` is weight-decayed) and ``s_lr_scale`` (the
+multiplier of ``S``'s learning rate). Both classes extend the demo's
+:class:`aekt_plugin.demo.train.MethodConfig`, whose ``options`` are the loss options in effect.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 from aekt_plugin.functional import TargetStats, Weights, decoupled_loss
 from aekt_plugin.demo.train import MethodConfig
 
-__all__ = ["VariantMethod"]
+__all__ = ["SerialVariant", "VariantMethod", "method_from_dict"]
 
 
 def _adaptive(log_weight: Tensor, *, scale: float, max_weight: float, normalize: bool) -> Tensor:
@@ -63,8 +67,28 @@ class _DetachedHeadClassifier(nn.Module):
 
 
 @dataclass(frozen=True)
-class VariantMethod(MethodConfig):
-    """An AEKT variant of the search: :class:`MethodConfig` plus the options of the module docstring."""
+class SerialVariant(MethodConfig):
+    """:class:`MethodConfig` with the serial layer's benchmark-only forms (the module docstring)."""
+
+    residual: bool = False
+    s_weight_decay: bool = True
+    s_lr_scale: float = 1.0
+
+    def build(self, student: nn.Module, num_classes: int) -> nn.Module:
+        from aekt_plugin.serial import SerialStudent
+
+        return SerialStudent(student, self.order, residual=self.residual, num_classes=num_classes)
+
+    def param_groups(self, student: nn.Module, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        groups = super().param_groups(student, model, weight_decay)
+        if len(groups) == 2:  # the serial layer's
+            groups[1].update(weight_decay=weight_decay if self.s_weight_decay else 0.0, lr_scale=self.s_lr_scale)
+        return groups
+
+
+@dataclass(frozen=True)
+class VariantMethod(SerialVariant):
+    """An AEKT variant of the search: :class:`SerialVariant` plus the options of the module docstring."""
 
     gamma: float = 1.0
     one_sided: bool = False
@@ -77,24 +101,31 @@ class VariantMethod(MethodConfig):
             raise ValueError("a VariantMethod is an AEKT variant (loss='aekt')")
         if self.detach_head and self.order != "cls_kd":
             raise ValueError("detach_head needs order='cls_kd'")
-        if self.standardize or self.kd_weight != 1.0:
+        if self.option("standardize") or self.kd_weight != 1.0:
             raise ValueError("the variants take neither standardize nor kd_weight")
 
     def weights(self, stats: TargetStats) -> Weights:
         log_r = stats.log_ratio[:, 0] * self.gamma
         if self.one_sided:
             log_r = log_r.clamp(min=0.0)
-        a = _adaptive(log_r, scale=self.alpha, max_weight=self.max_weight, normalize=self.normalize_weight)
+        options = self.options
+        bound, normalize = options["max_weight"], options["normalize_weight"]
+        a = _adaptive(log_r, scale=options["alpha"], max_weight=bound, normalize=normalize)
         if self.implicit_gamma == 0.0:
-            return Weights(a, self.beta)
+            return Weights(a, options["beta"])
         log_s = stats.log_ratio[:, 1] * self.implicit_gamma
-        b = _adaptive(log_s, scale=self.beta, max_weight=self.max_weight, normalize=self.normalize_weight)
+        b = _adaptive(log_s, scale=options["beta"], max_weight=bound, normalize=normalize)
         return Weights(a, b)
 
     def loss_fn(self):
         def loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
             return decoupled_loss(
-                student_logits, teacher_logits, target, self.weights, temperature=self.temperature, validate_args=False
+                student_logits,
+                teacher_logits,
+                target,
+                self.weights,
+                temperature=self.option("temperature"),
+                validate_args=False,
             )
 
         return loss
@@ -106,3 +137,13 @@ class VariantMethod(MethodConfig):
 
         serial = ak.SerialLayer(num_classes, order="cls_kd", residual=self.residual)
         return _DetachedHeadClassifier(student, serial)
+
+
+def method_from_dict(record: Mapping[str, Any]) -> MethodConfig:
+    """A method back from its JSON record: a :class:`VariantMethod` where it has variant options, a
+    :class:`SerialVariant` where the serial layer has a benchmark form, else a plain :class:`MethodConfig`."""
+    for cls in (VariantMethod, SerialVariant):
+        own = {f.name for f in fields(cls)} - {f.name for f in fields(MethodConfig)}
+        if any(record.get(name, f.default) != f.default for f in fields(cls) if (name := f.name) in own):
+            return cls.from_dict(record)
+    return MethodConfig.from_dict(record)

@@ -7,6 +7,8 @@ rule there would put a wrong row into a committed table, so the rows are checked
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import json
 import sys
 from dataclasses import replace
@@ -47,14 +49,19 @@ def _value_and_grad(loss, student, teacher, target):
 @pytest.mark.parametrize(
     ("method", "core"),
     [
-        (MethodConfig("k", loss="kd", temperature=2.0), lambda s, t, y: ak.kd_loss(s, t, y, temperature=2.0)),
         (
-            MethodConfig("d", loss="dkd", beta=3.0, standardize=True),
+            MethodConfig("k", loss="kd", options={"temperature": 2.0}),
+            lambda s, t, y: ak.kd_loss(s, t, y, temperature=2.0),
+        ),
+        (
+            MethodConfig("d", loss="dkd", options={"beta": 3.0, "standardize": True}),
             lambda s, t, y: ak.dkd_loss(s, t, y, beta=3.0, standardize=True),
         ),
         (
-            MethodConfig("a", loss="aekt", alpha=2.0, max_weight=3.0, standardize=True, kd_weight=9.0),
-            lambda s, t, y: 9 * ak.aekt_loss(s, t, y, alpha=2.0, beta=2.0, max_weight=3.0, standardize=True),
+            MethodConfig(
+                "a", loss="aekt", options={"alpha": 2.0, "max_weight": 3.0, "standardize": True}, kd_weight=9.0
+            ),
+            lambda s, t, y: 9 * ak.aekt_loss(s, t, y, alpha=2.0, max_weight=3.0, standardize=True),
         ),
     ],
 )
@@ -68,7 +75,7 @@ def test_a_method_computes_its_core_loss(method, core):
 
 def test_the_search_baseline_variant_is_the_default_aekt(accuracy):
     aekt = next(m for m in main_methods(beta=2.0) if m.name == "AEKT")
-    variant = accuracy.VariantMethod(**aekt.to_dict())
+    variant = accuracy.VariantMethod.from_dict(aekt.to_dict())
     student, teacher, target = _inputs(seed=1)
     ours = _value_and_grad(variant.loss_fn(), student, teacher, target)
     expected = _value_and_grad(aekt.loss_fn(), student, teacher, target)
@@ -93,16 +100,43 @@ def test_the_standardize_rows_differ_from_the_main_rows_only_by_the_option(accur
     for name in ("KD", "DKD", "AEKT"):
         row = rows[name + accuracy.STANDARDIZED]
         assert (
-            row.standardize and row.to_dict() | {"name": name, "standardize": False} == main[name].to_dict()
+            row.option("standardize")
+            and row.to_dict() | {"name": name, "standardize": False} == main[name].to_dict()
         )
     recipe = rows["KD +std, T=2, ×9"]
-    assert (recipe.loss, recipe.temperature, recipe.kd_weight, recipe.standardize) == ("kd", 2.0, 9.0, True)
+    options = recipe.options
+    assert (recipe.loss, options["temperature"], recipe.kd_weight, options["standardize"]) == ("kd", 2.0, 9.0, True)
     assert accuracy.describe(recipe) == "Hinton KD, T=2, standardized logits, KD weight 9"
+
+
+def test_a_method_is_the_core_loss_with_the_options_it_names(accuracy):
+    """A method stores the loss options in effect: those it names, the core's defaults for the rest; its
+    record round-trips, also from an older record that listed every loss's options."""
+    method = MethodConfig("DKD", loss="dkd", options={"beta": 2.0})
+    assert dict(method.options) == aekt_plugin_options("dkd_loss") | {"beta": 2.0}
+    assert MethodConfig.from_dict(method.to_dict()) == method
+    old = {"name": "KD", "loss": "kd", "temperature": 4.0, "alpha": 1.0, "beta": 2.0, "max_weight": "inf",
+           "normalize_weight": True, "order": None, "residual": False, "s_weight_decay": True, "s_lr_scale": 1.0,
+           "ce_weight": 1.0, "standardize": False, "kd_weight": 1.0}
+    assert accuracy.method_from_dict(old) == MethodConfig("KD", loss="kd")
+    serial = accuracy.method_from_dict(old | {"loss": "aekt", "order": "kd_cls", "s_lr_scale": 0.1})
+    assert isinstance(serial, accuracy.SerialVariant) and serial.s_lr_scale == 0.1
+    assert serial.option("max_weight") == math.inf
+    with pytest.raises(TypeError, match="'max_weight'"):
+        MethodConfig("DKD", loss="dkd", options={"max_weight": 2.0})
+    with pytest.raises(ValueError, match="takes no loss options"):
+        MethodConfig("CE", loss="ce", options={"temperature": 2.0})
+
+
+def aekt_plugin_options(function: str) -> dict:
+    parameters = inspect.signature(getattr(ak, function)).parameters.values()
+    fixed = {"reduction", "ignore_index", "validate_args"}
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
 
 
 def test_variants_refuse_the_options_they_would_ignore(accuracy):
     with pytest.raises(ValueError, match="standardize"):
-        accuracy.VariantMethod("v", standardize=True)
+        accuracy.VariantMethod("v", options={"standardize": True})
 
 
 # ------------------------------------------------------------- a tiny run of the benchmark, end to end
@@ -263,7 +297,8 @@ def test_a_timm_family_step_computes_the_core_loss_through_the_task(accuracy, lo
 
     torch.manual_seed(0)
     teacher, student = timm_family.timm_resnet(1, 10).eval(), timm_family.timm_resnet(1, 10)
-    method = MethodConfig("m", loss=loss, temperature=2.0, beta=3.0, ce_weight=0.5)
+    options = {"ce": {}, "kd": {"temperature": 2.0}}.get(loss, {"temperature": 2.0, "beta": 3.0})
+    method = MethodConfig("m", loss=loss, options=options, ce_weight=0.5)
     model, step = timm_family.timm_step_factory(teacher)(student, method, 10, 5, 0.0)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 1, 8, 16, generator=gen), torch.randint(10, (6,), generator=gen)
@@ -284,13 +319,13 @@ def test_a_timm_family_step_computes_the_core_loss_through_the_task(accuracy, lo
 
 def test_the_timm_family_refuses_what_its_tasks_cannot_run(accuracy):
     import timm_family
-    from variants import VariantMethod
+    from variants import SerialVariant, VariantMethod
 
     factory = timm_family.timm_step_factory(timm_family.timm_resnet(1, 10))
     for method, match in [
         (VariantMethod("g", gamma=2.0), "gamma=2.0"),
-        (MethodConfig("s", loss="kd", standardize=True), "standardize"),
-        (MethodConfig("w", loss="dkd", kd_weight=9.0), "kd_weight"),
+        (MethodConfig("s", loss="kd", options={"standardize": True}), "standardize"),
+        (SerialVariant("w", loss="dkd", order="cls_kd", s_lr_scale=0.1), "own learning rate"),
     ]:
         with pytest.raises(ValueError, match=match):
             factory(timm_family.timm_resnet(1, 10), method, 10, 5, 0.0)

@@ -38,25 +38,14 @@ def package_defaults() -> dict[str, Any]:
 
 
 def main_methods(*, beta: float = SMALL_PROBLEM_BETA, temperature: float | None = None) -> list[MethodConfig]:
-    """The four main rows: ``CE``, ``KD``, ``DKD`` and ``AEKT`` with the package defaults of ``max_weight``,
-    ``normalize_weight`` and ``order`` (``temperature`` and ``alpha`` from the defaults too unless given;
-    ``beta`` is the protocol's, shared by DKD and AEKT)."""
-    d = package_defaults()
-    t = float(d["temperature"]) if temperature is None else temperature
+    """The four main rows: ``CE``, ``KD``, ``DKD`` and ``AEKT``, each with the package defaults except the
+    protocol's ``beta`` (shared by DKD and AEKT) and, if given, ``temperature``."""
+    shared = {} if temperature is None else {"temperature": temperature}
     return [
         MethodConfig("CE", loss="ce"),
-        MethodConfig("KD", loss="kd", temperature=t),
-        MethodConfig("DKD", loss="dkd", temperature=t, alpha=float(d["alpha"]), beta=beta),
-        MethodConfig(
-            "AEKT",
-            loss="aekt",
-            temperature=t,
-            alpha=float(d["alpha"]),
-            beta=beta,
-            max_weight=float(d["max_weight"]),
-            normalize_weight=bool(d["normalize_weight"]),
-            order=d["order"],  # type: ignore[arg-type]
-        ),
+        MethodConfig("KD", loss="kd", options=shared),
+        MethodConfig("DKD", loss="dkd", options={**shared, "beta": beta}),
+        MethodConfig("AEKT", loss="aekt", options={**shared, "beta": beta}),
     ]
 
 

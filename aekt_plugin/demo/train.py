@@ -6,14 +6,13 @@ without a serial layer)::
     loss = ce_weight · CE(z_cls, y) + min(step / warmup_steps, 1) · kd_weight · L(z_kd, v, y)
 
 where ``v`` are the teacher's logits and ``L`` is ``kd_loss``, ``dkd_loss`` or ``aekt_loss`` of the core
-(``T²`` inside, logit standardization when the method asks for it); ``L = 0`` for CE. The warm-up
+(the core modules, ``T²`` inside, with the method's options); ``L = 0`` for CE. The warm-up
 (:class:`aekt_plugin.warmup.KDWarmup`) counts optimiser steps linearly from 0.
 Accuracy is measured on ``z_cls`` at the last epoch (nothing is selected on the test set).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -21,14 +20,18 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..defaults import DEFAULTS
+from ..loss import AEKTLoss, DKDLoss, KDLoss
 from ..warmup import KDWarmup
 from .data import Splits
 from .models import count_parameters, make_model
@@ -54,67 +57,78 @@ _logger = logging.getLogger(__name__)
 LOSSES = ("ce", "kd", "dkd", "aekt")
 
 
+_LOSS_MODULES: dict[str, Callable[..., nn.Module]] = {"kd": KDLoss, "dkd": DKDLoss, "aekt": AEKTLoss}
+# Options every run uses alike: a training step is the hot loop, and the tables' samples are never ignored.
+_FIXED_OPTIONS = {"reduction": "mean", "ignore_index": None, "validate_args": False}
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """One distillation method: the loss, its weights and the serial layer ``S``.
+    """One method of a table: a core loss with the options it changes, the serial-layer order and the
+    weights of the two terms.
 
-    ``order=None`` means no serial layer (``z_cls = z_kd``). ``residual`` selects the residual form
-    ``z_kd = z_cls + S·z_cls`` (``S`` zero-initialised); ``s_weight_decay`` whether ``S`` is
-    weight-decayed; ``s_lr_scale`` multiplies the learning rate of ``S``. ``standardize`` passes
-    ``standardize=True`` to the loss (logit standardization); ``kd_weight`` multiplies the distillation
-    term (the standardization recipe of Sun et al. weights KD by 9 at ``T = 2``).
+    ``options`` are keyword options of the loss's core module (:class:`aekt_plugin.KDLoss`,
+    ``DKDLoss`` or ``AEKTLoss``; empty for cross-entropy only); every option not given keeps the core's
+    default, :data:`aekt_plugin.DEFAULTS`, and the stored ``options`` are all those in effect. ``order=None`` means no serial layer (``z_cls = z_kd``);
+    ``kd_weight`` multiplies the distillation term (the standardization recipe of Sun et al. weights KD by 9
+    at ``T = 2``).
     """
 
     name: str
     loss: str = "aekt"
-    temperature: float = 4.0
-    alpha: float = 1.0
-    beta: float = 2.0
-    max_weight: float = 5.0
-    normalize_weight: bool = True
-    order: str | None = None
-    residual: bool = False
-    s_weight_decay: bool = True
-    s_lr_scale: float = 1.0
-    ce_weight: float = 1.0
-    standardize: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    order: str | None = DEFAULTS.order
+    ce_weight: float = DEFAULTS.ce_weight
     kd_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "ce" and self.options:
+            raise ValueError(f"method {self.name!r}: cross-entropy only takes no loss options")
+        criterion = self.criterion()  # the loss's own checks, now rather than at the first step
+        in_effect = {} if criterion is None else criterion.options()
+        options = {k: v for k, v in in_effect.items() if k not in _FIXED_OPTIONS}
+        object.__setattr__(self, "options", MappingProxyType(options))
+
+    def with_options(self, name: str, **options: Any) -> MethodConfig:
+        """This method renamed, with ``options`` changed."""
+        return replace(self, name=name, options={**self.options, **options})
+
+    def criterion(self) -> nn.Module | None:
+        """The core loss module of this method (``None`` for cross-entropy only)."""
+        if self.loss == "ce":
+            return None
+        return _LOSS_MODULES[self.loss](**self.options, **_FIXED_OPTIONS)
+
+    def option(self, name: str) -> Any:
+        """One loss option in effect."""
+        return self.options[name]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if math.isinf(d["max_weight"]):
-            d["max_weight"] = "inf"
-        return d
+        """The JSON record: name, loss, every option in effect, order and the term weights."""
+        record: dict[str, Any] = {"name": self.name, "loss": self.loss}
+        for key, value in self.options.items():
+            record[key] = "inf" if isinstance(value, float) and math.isinf(value) else value
+        for f in fields(self):
+            if f.name not in record and f.name != "options":
+                record[f.name] = getattr(self, f.name)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> MethodConfig:
+        """A method back from :meth:`to_dict`'s record; keys that are neither a field nor an option of its
+        loss (the options of other losses, in older records) are left out."""
+        loss = record.get("loss", "aekt")
+        names = set(_LOSS_MODULES[loss]().options()) - set(_FIXED_OPTIONS) if loss != "ce" else set()
+        options = {k: float(v) if v == "inf" else v for k, v in record.items() if k in names}
+        own = {f.name: record[f.name] for f in fields(cls) if f.name in record and f.name != "options"}
+        return cls(**own, options=options)
 
     def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
         """``kd_weight · L(z_kd, v, y)`` of this method (``None`` for cross-entropy only)."""
-        import aekt_plugin as ak
-
-        if self.loss == "ce":
-            return None
-        options: dict[str, Any] = {
-            "temperature": self.temperature,
-            "standardize": self.standardize,
-            "validate_args": False,
-        }
-        if self.loss == "kd":
-            loss = functools.partial(ak.kd_loss, **options)
-        elif self.loss == "dkd":
-            loss = functools.partial(ak.dkd_loss, alpha=self.alpha, beta=self.beta, **options)
-        else:
-            loss = functools.partial(
-                ak.aekt_loss,
-                alpha=self.alpha,
-                beta=self.beta,
-                max_weight=self.max_weight,
-                normalize_weight=self.normalize_weight,
-                **options,
-            )
-        if self.kd_weight == 1.0:
+        loss = self.criterion()
+        if loss is None or self.kd_weight == 1.0:
             return loss
         return lambda s, t, y: self.kd_weight * loss(s, t, y)
 
@@ -123,7 +137,16 @@ class MethodConfig:
         ``(z_cls, z_kd)``, ``forward(x)`` the classification logits."""
         from aekt_plugin.serial import SerialStudent
 
-        return SerialStudent(student, self.order, residual=self.residual, num_classes=num_classes)
+        return SerialStudent(student, self.order, num_classes=num_classes)
+
+    def param_groups(self, student: nn.Module, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: the student's, then the serial layer's (if any), each with its
+        ``weight_decay`` and an ``lr_scale`` of the schedule's learning rate."""
+        groups = [{"params": list(student.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0}]
+        serial = getattr(model, "serial", None)
+        if serial is not None:
+            groups.append({"params": list(serial.parameters()), "weight_decay": weight_decay, "lr_scale": 1.0})
+        return groups
 
 
 @dataclass(frozen=True)
@@ -362,18 +385,7 @@ def train_student(
     n = data.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     model, train_step = step_factory(student, method, data.num_classes, steps_per_epoch, cfg.warmup_epochs)
-    serial = getattr(model, "serial", None)
-    groups: list[dict[str, Any]] = [
-        {"params": list(student.parameters()), "weight_decay": cfg.weight_decay, "lr_scale": 1.0}
-    ]
-    if serial is not None:
-        groups.append(
-            {
-                "params": list(serial.parameters()),
-                "weight_decay": cfg.weight_decay if method.s_weight_decay else 0.0,
-                "lr_scale": method.s_lr_scale,
-            }
-        )
+    groups = method.param_groups(student, model, cfg.weight_decay)
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     total = steps_per_epoch * cfg.epochs
     gen = torch.Generator().manual_seed(seed + 12345)
