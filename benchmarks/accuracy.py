@@ -56,7 +56,7 @@ from variants import SerialVariant, VariantMethod, method_from_dict  # noqa: E40
 
 from aekt_plugin.demo.protocol import SETTINGS, prepare  # noqa: E402
 from aekt_plugin.demo.report import format_table, plot_results, read_results  # noqa: E402
-from aekt_plugin.demo.run import SMALL_PROBLEM_BETA, _parse_seeds, main_methods, run_table  # noqa: E402
+from aekt_plugin.demo.run import SMALL_PROBLEM_BETA, parse_seeds, main_methods, run_table  # noqa: E402
 from aekt_plugin.demo.stats import paired_difference  # noqa: E402
 from aekt_plugin.demo.train import MethodConfig, core_step  # noqa: E402
 
@@ -523,14 +523,14 @@ def _prepare(table: str, progress: bool) -> tuple[Any, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", choices=sorted(TABLES), default="fmnist100")
-    parser.add_argument("--seeds", type=_parse_seeds, default=_parse_seeds("5"))
+    parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("5"))
     parser.add_argument(
         "--main-seeds",
-        type=_parse_seeds,
+        type=parse_seeds,
         default=None,
         help="seeds of the four main rows (default: --seeds); more seeds narrow their intervals",
     )
-    parser.add_argument("--probe-seeds", type=_parse_seeds, default=_parse_seeds("3"))
+    parser.add_argument("--probe-seeds", type=parse_seeds, default=parse_seeds("3"))
     parser.add_argument(
         "--methods",
         choices=("main", "probes", "all", "search", "confirm", "calibrate", "standardize"),

@@ -21,7 +21,7 @@ from .protocol import SETTINGS, Prepared, Setting, prepare
 from .report import format_table, plot_results, read_results, write_results
 from .train import BatchFn, MethodConfig, StepFactory, core_step, train_student
 
-__all__ = ["add_demo_arguments", "main_methods", "package_defaults", "run_demo", "run_table"]
+__all__ = ["add_demo_arguments", "main_methods", "package_defaults", "parse_seeds", "run_demo", "run_table"]
 
 _logger = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def _ordered(runs: Sequence[dict[str, Any]], methods: Sequence[MethodConfig]) ->
     return sorted(runs, key=lambda r: (rank.get(r["method"], len(rank)), r["seed"]))
 
 
-def _parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
+    """``N`` (seeds 0..N-1), ``A-B`` or ``a,b,c``, as the ``--seeds`` options take them."""
     try:
         if "-" in text and "," not in text:
             lo, hi = (int(x) for x in text.split("-"))
@@ -199,8 +200,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--seeds",
-        type=_parse_seeds,
-        default=_parse_seeds("10"),
+        type=parse_seeds,
+        default=parse_seeds("10"),
         help="number of seeds N (0..N-1), a range A-B, or a list a,b,c (default 10)",
     )
     parser.add_argument(

@@ -60,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _describe_config(name: str) -> str:
-    """``teacher -> student, β`` of a shipped config, when PyYAML (a yacs dependency) is there."""
+    """``teacher -> student`` and the loss settings of a shipped config, when PyYAML (a yacs dependency) is
+    there."""
     try:
         import yaml
     except ImportError:  # pragma: no cover - yacs needs PyYAML
@@ -68,7 +69,8 @@ def _describe_config(name: str) -> str:
     data = yaml.safe_load(read_config(name))
     distiller, node = data.get("DISTILLER", {}), data.get(CFG_NODE, {})
     pair = f"{distiller.get('TEACHER')} -> {distiller.get('STUDENT')}"
-    return f"{pair}, T={node.get('T')}, BETA={node.get('BETA')}"
+    settings = ", ".join(f"{key}={value}" for key, value in node.items() if key not in ("CE_WEIGHT", "WARMUP"))
+    return f"{pair}, {settings}"
 
 
 def _checkout_above(directory: Path) -> Path | None:
