@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aekt_plugin.mdistiller as am
+from aekt_plugin.mdistiller import launcher
 from aekt_plugin import DEFAULTS
 from aekt_plugin import reference as ref
 
@@ -646,7 +648,19 @@ def checkout(md, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(md.cfg, "CFG", md.cfg.CFG.clone())  # tools/train.py merges into and freezes CFG
     monkeypatch.setenv("STUB_REPORT", str(tmp_path / "report.json"))
     monkeypatch.delenv("MDISTILLER_ROOT", raising=False)
+    _provide_teachers(md, root, monkeypatch)
+    monkeypatch.setattr(launcher, "_cuda_available", lambda: True)  # the pre-flight asks for a GPU
     return root
+
+
+def _provide_teachers(md, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher checkpoints where the checkout's model registry says they are (``download_ckpts/``)."""
+    for name, (build, path) in list(md.models.cifar_model_dict.items()):
+        if path is not None:
+            moved = root / "download_ckpts" / path.split("download_ckpts/", 1)[1]
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            moved.touch()
+            monkeypatch.setitem(md.models.cifar_model_dict, name, (build, str(moved)))
 
 
 def test_console_script_runs_the_checkouts_train_py_with_aekt_registered(md, checkout: Path) -> None:
@@ -710,6 +724,50 @@ def test_console_script_errors_say_the_fix(md, checkout: Path, capsys: pytest.Ca
     assert "imported from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (["AEKT.BETTA", "2.0"], r"refused by yacs: Non-existent key: AEKT\.BETTA"),
+        (["AEKT.BETA", "two"], r"refused by yacs: .*AEKT\.BETA"),
+        (["SOLVER.EPOCHS"], r"refused by yacs: Override list has odd length"),
+        (["DISTILLER.TYPE", "AEKTT"], r"DISTILLER\.TYPE 'AEKTT' is no mdistiller distiller \(did you mean 'AEKT'\?\)"),
+        (["AEKT.ORDER", "foo"], r"AEKT\.ORDER must be 'cls_kd', 'kd_cls' or null, got 'foo'"),
+        (["AEKT.BETA", "-1.0"], r"AEKT\.BETA must be a finite number >= 0"),
+        (["DISTILLER.TEACHER", "resnet57"], r"DISTILLER\.TEACHER 'resnet57' is no cifar100 model.*resnet56"),
+        (["DATASET.TYPE", "imagenet"], r"imagenet is not in .*data/imagenet \(train and val missing\)"),
+    ],
+)
+def test_console_script_checks_the_config_before_any_data_is_read(
+    md, checkout: Path, capsys: pytest.CaptureFixture[str], opts: list[str], message: str
+) -> None:
+    if opts == ["DATASET.TYPE", "imagenet"]:
+        opts = opts + ["DISTILLER.TEACHER", "ResNet34", "DISTILLER.STUDENT", "ResNet18"]
+    assert am.main(["--mdistiller-root", str(checkout), "--cfg", "cifar100/res56_res20", *opts]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert err.count("\n") == 1 and err.startswith("aekt-mdistiller: error: ")  # one line, no traceback
+    assert not (checkout.parent / "report.json").exists()  # tools/train.py never ran
+
+
+def test_console_script_names_the_environment_it_lacks(
+    md, checkout: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["--mdistiller-root", str(checkout), "--cfg", "cifar100/res56_res20"]
+    monkeypatch.setattr(launcher, "_cuda_available", lambda: False)
+    assert am.main(argv) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+    monkeypatch.setattr(launcher, "_cuda_available", lambda: True)
+    checkpoint = Path(md.models.cifar_model_dict["resnet56"][1])
+    checkpoint.unlink()
+    assert am.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and "cifar_teachers.tar" in err and "download_ckpts" in err
+    checkpoint.touch()
+    assert am.main(argv) == 0  # CIFAR-100 absent: a note that torchvision will download it, then the run
+    assert "note: CIFAR-100 is not in" in capsys.readouterr().err
+    assert (checkout.parent / "report.json").exists()
+
+
 @pytest.mark.skipif(
     BACKEND != "real", reason="needs a real checkout's tools/train.py; the stub twin above covers the wiring"
 )
@@ -724,6 +782,8 @@ def test_console_script_trains_with_the_real_train_py(
     monkeypatch.setattr(dataset, "get_dataset", lambda cfg: (train_loader, val_loader, 8, NUM_CLASSES))
     monkeypatch.setattr(utils, "load_checkpoint", lambda path: {"model": teacher_state})
     monkeypatch.setattr(md.cfg, "CFG", md.cfg.CFG.clone())
+    _provide_teachers(md, tmp_path, monkeypatch)
+    monkeypatch.setattr(launcher, "_cuda_available", lambda: True)  # no_cuda keeps the GPU's work on the CPU
     monkeypatch.chdir(tmp_path)
     rc = am.main(
         [

@@ -6,8 +6,13 @@ as an ``nn.Sequential`` ending in the Linear (MobileNetV2), ``linear`` (ShuffleN
 ``cifar_model_dict`` maps a name to ``(constructor, teacher checkpoint path or None)``.
 """
 
+import os
+
 import torch
 from torch import nn
+
+# As in mdistiller: teacher checkpoints under the checkout's download_ckpts/, found from this file.
+_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../download_ckpts/cifar_teachers/")
 
 
 class _TinyNet(nn.Module):
@@ -45,12 +50,12 @@ def _imagenet(head_name, width):
 
 cifar_model_dict = {
     # teachers (mdistiller: checkpoint paths under download_ckpts/)
-    "resnet56": (_cifar("fc", 16), "download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth"),
-    "resnet110": (_cifar("fc", 16), "download_ckpts/cifar_teachers/resnet110_vanilla/ckpt_epoch_240.pth"),
-    "resnet32x4": (_cifar("fc", 16), "download_ckpts/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth"),
-    "ResNet50": (_cifar("linear", 16), "download_ckpts/cifar_teachers/ResNet50_vanilla/ckpt_epoch_240.pth"),
-    "wrn_40_2": (_cifar("fc", 16), "download_ckpts/cifar_teachers/wrn_40_2_vanilla/ckpt_epoch_240.pth"),
-    "vgg13": (_cifar("classifier", 16), "download_ckpts/cifar_teachers/vgg13_vanilla/ckpt_epoch_240.pth"),
+    "resnet56": (_cifar("fc", 16), _TEACHERS + "resnet56_vanilla/ckpt_epoch_240.pth"),
+    "resnet110": (_cifar("fc", 16), _TEACHERS + "resnet110_vanilla/ckpt_epoch_240.pth"),
+    "resnet32x4": (_cifar("fc", 16), _TEACHERS + "resnet32x4_vanilla/ckpt_epoch_240.pth"),
+    "ResNet50": (_cifar("linear", 16), _TEACHERS + "ResNet50_vanilla/ckpt_epoch_240.pth"),
+    "wrn_40_2": (_cifar("fc", 16), _TEACHERS + "wrn_40_2_vanilla/ckpt_epoch_240.pth"),
+    "vgg13": (_cifar("classifier", 16), _TEACHERS + "vgg13_vanilla/ckpt_epoch_240.pth"),
     # students
     "resnet20": (_cifar("fc", 8), None),
     "resnet32": (_cifar("fc", 8), None),
