@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import subprocess
 import sys
 from importlib.resources import files
@@ -623,3 +624,32 @@ def test_digits_config_runs_end_to_end_through_get_distillation_box():
     assert student_accuracy > 0.7  # chance is 0.1
     # the AEKT gradient reached the serial layer through the hooked kd_logits path
     assert not torch.allclose(student.serial.relation_matrix(), serial_before)
+
+
+def _torchdistill_checkout() -> Path | None:
+    root = os.environ.get("TORCHDISTILL_ROOT")
+    script = Path(root or "/nonexistent") / "examples" / "torchvision" / "image_classification.py"
+    return script.parents[2] if script.is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _torchdistill_checkout() is None,
+    reason="needs a torchdistill checkout (TORCHDISTILL_ROOT) for its example script, which its wheel lacks; "
+    "test_digits_config_runs_end_to_end_through_get_distillation_box covers the same config through the box",
+)
+def test_the_readme_command_trains_the_shipped_config_with_torchdistills_own_script(tmp_path):
+    """The README's torchdistill block, as written (after its clone and cd), in a directory that holds the
+    checkout's examples/: exit 0, the student's checkpoint written, its accuracy logged."""
+    pytest.importorskip("sklearn")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```bash\n")[1:] if "image_classification.py" in b).split("```")[0]
+    lines = [line for line in block.splitlines() if not line.startswith(("git clone", "cd torchdistill"))]
+    (tmp_path / "examples").symlink_to(_torchdistill_checkout() / "examples", target_is_directory=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", "-ec", "\n".join(lines)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((tmp_path / "resource" / "ckpt").rglob("*.pt"))
+    assert "[Student: AEKTSerialStudent]" in done.stderr and " * Acc@1 " in done.stderr
