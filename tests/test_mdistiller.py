@@ -18,9 +18,11 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -802,3 +804,42 @@ def test_console_script_trains_with_the_real_train_py(
     student = md.models.cifar_model_dict["resnet20"][0](num_classes=NUM_CLASSES)
     student.load_state_dict(torch.load(best, map_location="cpu")["model"])
     assert "best_acc" in (best.parent / "worklog.txt").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(md, tmp_path: Path) -> None:
+    """mdistiller's base trainer, AEKT with the serial layer and a warm-up still ramping at the kill: killed
+    in the middle of epoch 3 and resumed from ``latest`` with ``--resume``, the run ends with the same
+    distiller and student weights, bit for bit, as one never interrupted."""
+    worker = [sys.executable, str(Path(__file__).with_name("mdistiller_resume_worker.py")), str(md.root)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*worker, str(whole)], env=env, check=True, capture_output=True, timeout=600)
+    marker = tmp_path / "paused"
+    process = subprocess.Popen(
+        [*worker, str(killed), "--pause-at", "3:2", str(marker)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its pause"
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    latest = killed / "resume_test" / "latest"
+    assert torch.load(latest, map_location="cpu", weights_only=False)["epoch"] == 2  # the kill lost epoch 3
+    subprocess.run([*worker, str(killed), "--resume"], env=env, check=True, capture_output=True, timeout=600)
+    for name in ("latest", "student_latest"):
+        expected = torch.load(whole / "resume_test" / name, map_location="cpu", weights_only=False)["model"]
+        resumed = torch.load(killed / "resume_test" / name, map_location="cpu", weights_only=False)["model"]
+        assert expected.keys() == resumed.keys()
+        different = [key for key in expected if not torch.equal(expected[key], resumed[key])]
+        assert not different, f"{name}: {different[:5]}"
+    state = torch.load(latest, map_location="cpu", weights_only=False)["model"]
+    assert any(key.endswith("serial.weight") for key in state)  # the serial layer travelled with the run

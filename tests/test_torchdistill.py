@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 
@@ -653,3 +655,35 @@ def test_the_readme_command_trains_the_shipped_config_with_torchdistills_own_scr
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((tmp_path / "resource" / "ckpt").rglob("*.pt"))
     assert "[Student: AEKTSerialStudent]" in done.stderr and " * Acc@1 " in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """torchdistill's DistillationBox with the AEKT loss, grad_accum_step=4 and a warm-up still ramping:
+    killed in the middle of the second epoch and resumed from the last epoch's checkpoint, the run ends with
+    the student weights of one never interrupted, bit for bit (the warm-up clock is set from the epoch)."""
+    pytest.importorskip("sklearn")
+    worker = [sys.executable, str(Path(__file__).with_name("torchdistill_resume_worker.py"))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed, marker = tmp_path / "whole", tmp_path / "killed", tmp_path / "paused"
+    subprocess.run([*worker, str(whole)], env=env, check=True, capture_output=True, timeout=600)
+    process = subprocess.Popen(
+        [*worker, str(killed), "--pause-at", "1:17", str(marker)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its pause"
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert torch.load(killed / "ckpt.pt", weights_only=False)["epoch"] == 0
+    subprocess.run([*worker, str(killed), "--resume"], env=env, check=True, capture_output=True, timeout=600)
+    expected = torch.load(whole / "student.pt", weights_only=True)
+    resumed = torch.load(killed / "student.pt", weights_only=True)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
