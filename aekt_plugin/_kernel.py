@@ -48,6 +48,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 class TargetStats:
@@ -329,6 +330,11 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
     A constant missing under ``torch.compile`` is made fresh, not cached: a compiled graph has no per-call
     cost to save, and a cache filled while tracing would leak the graph's tensors out of it.
     """
+    if type(like) is not Tensor or _get_current_dispatch_mode() is not None:
+        # A fake, functional or traced tensor (FakeTensorMode, make_fx, torch.export) gets a constant of its
+        # own kind, never one from the cache, and none of its kind enters the cache: each would poison the
+        # other world's later calls.
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
     key = (value, like.dtype, like.device)
     constant = _CONSTANTS.get(key)
     if constant is None:

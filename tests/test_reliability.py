@@ -296,3 +296,37 @@ def test_vmap_and_export_with_value_checks_say_what_to_pass():
         torch.export.export(Distil(True), (z, v))
     exported = torch.export.export(Distil(False), (z, v))
     torch.testing.assert_close(exported.module()(z, v), aekt_plugin.kd_loss(z, v))
+
+
+@pytest.mark.slow
+def test_fake_and_traced_calls_leave_no_fake_tensor_in_the_constant_cache():
+    """A call under FakeTensorMode or make_fx (fake or symbolic) made the kernel cache fake constants, and
+    every later real call in the process raised (and a fake call after a real one did too)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import make_fx
+        import aekt_plugin as ak
+
+        z, v, y = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+        expected = ak.aekt_loss(z, v, y, temperature=3.0)
+
+        def fake_call():
+            with FakeTensorMode() as mode:
+                out = ak.aekt_loss(mode.from_tensor(z), mode.from_tensor(v), mode.from_tensor(y),
+                                   temperature=3.0, validate_args=False)
+            assert out.shape == ()
+
+        fake_call()
+        assert torch.equal(ak.aekt_loss(z, v, y, temperature=3.0), expected)
+        for mode in ("fake", "symbolic"):
+            graph = make_fx(lambda a, b: ak.kd_loss(a, b, temperature=5.0, validate_args=False),
+                            tracing_mode=mode)(z, v)
+            torch.testing.assert_close(graph(z, v), ak.kd_loss(z, v, temperature=5.0))
+        fake_call()
+        assert torch.equal(ak.aekt_loss(z, v, y, temperature=3.0), expected)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
