@@ -327,19 +327,17 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
 
     A Python number as a tensor operand is converted to a tensor on every call, which costs more than the
     operation itself on small batches; the loss reuses a handful of constants (``1/T``, ``T²``, ...).
-    A constant missing under ``torch.compile`` is made fresh, not cached: a compiled graph has no per-call
-    cost to save, and a cache filled while tracing would leak the graph's tensors out of it.
+    Under ``torch.compile`` and any tracing the constant is made fresh, not cached: a compiled graph has no
+    per-call cost to save, and a cache filled while tracing would leak the graph's tensors out of it.
     """
-    if type(like) is not Tensor or _get_current_dispatch_mode() is not None:
-        # A fake, functional or traced tensor (FakeTensorMode, make_fx, torch.export) gets a constant of its
-        # own kind, never one from the cache, and none of its kind enters the cache: each would poison the
-        # other world's later calls.
+    if torch.compiler.is_compiling() or type(like) is not Tensor or _get_current_dispatch_mode() is not None:
+        # A fake, functional or traced tensor (torch.compile, FakeTensorMode, make_fx, torch.export) gets a
+        # constant of its own kind, never one from the cache, and none of its kind enters the cache: each
+        # would poison the other world's later calls.
         return torch.tensor(value, dtype=like.dtype, device=like.device)
     key = (value, like.dtype, like.device)
     constant = _CONSTANTS.get(key)
     if constant is None:
-        if torch.compiler.is_compiling():
-            return torch.tensor(value, dtype=like.dtype, device=like.device)
         if len(_CONSTANTS) >= 256:  # a temperature schedule must not grow this without bound
             _CONSTANTS.clear()
         # Fills on the device, not a copy from the host (no synchronisation on CUDA).
