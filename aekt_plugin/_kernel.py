@@ -42,13 +42,17 @@ Rows may carry leading instance dimensions, ``(..., B, C)``: the samples of one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+if TYPE_CHECKING:
+    from ._distributed import BatchScope
 
 
 class TargetStats:
@@ -57,15 +61,33 @@ class TargetStats:
     ``log_binary[0]`` holds ``[log p_t, log(1 - p_t)]`` and ``log_binary[1]`` ``[log q_t, log(1 - q_t)]``
     per sample; ``log_ratio = log b^T - log b^S``. Each property is a ``(..., B)`` view, taken only when
     a rule asks for it (small batches pay per operation). ``keep`` is ``None`` or the ``(..., B)`` mask of
-    the samples that count (``ignore_index``): a rule that averages over the batch averages over those.
+    the samples that count (``ignore_index``), and ``scope`` ``None`` or the
+    :class:`~aekt_plugin._distributed.BatchScope` of ``global_batch=True``: a rule that averages over the
+    batch averages over the kept samples of the scope, with :meth:`normalized`.
     """
 
-    __slots__ = ("keep", "log_binary", "log_ratio")
+    __slots__ = ("keep", "log_binary", "log_ratio", "scope")
 
-    def __init__(self, log_binary: Tensor, log_ratio: Tensor, keep: Tensor | None = None) -> None:
+    def __init__(
+        self, log_binary: Tensor, log_ratio: Tensor, keep: Tensor | None = None, scope: BatchScope | None = None
+    ) -> None:
         self.log_binary = log_binary
         self.log_ratio = log_ratio
         self.keep = keep
+        self.scope = scope
+
+    def normalized(self, log_weight: Tensor, scale: float) -> tuple[Tensor, Tensor | None]:
+        """``scale · w_i / mean(w)`` over the batch's kept samples (0 where ignored), from ``log w``: a softmax
+        over the batch, ``w_i / mean(w) = n · softmax(log w)_i``, which shifts by the largest ``log w``, so a
+        batch of weights too small for the dtype still averages to 1. Returns it and, for a global batch,
+        the number of kept samples of all ranks (which the mean then reuses)."""
+        if self.scope is not None:
+            return self.scope.normalized(log_weight, self.keep, scale)
+        if self.keep is None:
+            return scale_(torch.softmax(log_weight, dim=-1), scale * log_weight.shape[-1]), None
+        kept = self.keep.sum(dim=-1, keepdim=True)
+        shares = torch.softmax(log_weight.masked_fill(~self.keep, -math.inf), dim=-1)
+        return torch.where(self.keep, shares * kept * scale, 0.0), None
 
     @property
     def log_1m_q_t(self) -> Tensor:
@@ -82,12 +104,14 @@ class Weights(NamedTuple):
     """The per-sample weights ``(a, b)`` of (D1): numbers or ``(..., B)`` tensors.
 
     ``db_dq_t`` is ``∂b/∂q_t`` where ``b`` is a function of the teacher's target probability (``-1`` for
-    KD's ``b = 1 - q_t``); only the temperature derivative (T1) reads it.
+    KD's ``b = 1 - q_t``); only the temperature derivative (T1) reads it. ``batch_count`` is the number of
+    kept samples of a global batch, where the rule gathered it (:meth:`TargetStats.normalized`).
     """
 
     a: Tensor | float
     b: Tensor | float
     db_dq_t: float = 0.0
+    batch_count: Tensor | None = None
 
 
 WeightRule = Callable[[TargetStats], Weights]
@@ -108,6 +132,8 @@ def decoupled_forward(
     standardize: bool = False,
     propagate_non_finite: bool = False,
     out: Tensor | None = None,
+    batch_scope: BatchScope | None = None,
+    reduction: str = "sum",
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``sample_weight`` times the per-sample loss (D1), shape ``(..., B)``, and times its derivatives.
 
@@ -116,8 +142,10 @@ def decoupled_forward(
     a number or a tensor broadcastable to ``(..., B)``, ``sample_weight`` a number or a ``(..., B)``
     tensor. With ``propagate_non_finite`` a row whose loss is not finite gets a non-finite gradient row
     too. Results are in :func:`compute_dtype`; ``out``, a tensor shaped like the logits in that dtype,
-    receives the gradient if given. Returns the loss, the gradient with respect to the student's logits and
-    the total derivative in the temperature (``None`` where not asked for).
+    receives the gradient if given. With a ``batch_scope`` (``global_batch=True``) the weight rule
+    normalises over all ranks' samples and ``sample_weight`` is completed for the ``reduction`` over them,
+    (B1). Returns the loss, the gradient with respect to the student's logits and the total derivative in
+    the temperature (``None`` where not asked for).
     """
     num_classes = student_logits.shape[-1]
     # Student (index 0) and teacher (index 1) share one buffer, so each row operation below runs once for
@@ -165,8 +193,10 @@ def decoupled_forward(
     log_ratio = log_b_t - log_b_s
     tckd = torch.linalg.vecdot(binary_t, log_ratio, dim=-1)  # KL(b^T ‖ b^S)
 
-    weights = weight_rule(TargetStats(log_binary, log_ratio, keep))
+    weights = weight_rule(TargetStats(log_binary, log_ratio, keep, batch_scope))
     a, b = weights.a, weights.b
+    if batch_scope is not None:
+        sample_weight = batch_scope.sample_weight(sample_weight, keep, tckd, reduction, weights.batch_count)
     if needs_temperature_grad:
         teacher_terms = _teacher_temperature_terms(
             scaled_logits[1], logit_t_copy[1], q_hat, log_hat_gap, log_binary, log_ratio, nckd, weights
@@ -365,6 +395,7 @@ class KernelOptions(NamedTuple):
     needs_temperature_grad: bool = False
     standardize: bool = False
     propagate_non_finite: bool = False
+    batch_scope: BatchScope | None = None
 
 
 def _forward(
@@ -379,13 +410,12 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The reduced loss and the two derivatives that backward multiplies by the incoming gradient."""
     dtype = compute_dtype(student_logits, teacher_logits)
+    local_mean = options.reduction == "mean" and options.batch_scope is None  # a global one is (B1)'s
     if keep is None:
-        sample_weight: float | Tensor = (
-            1.0 / max(student_logits.shape[-2], 1) if options.reduction == "mean" else 1.0
-        )
+        sample_weight: float | Tensor = 1.0 / max(student_logits.shape[-2], 1) if local_mean else 1.0
     else:
         sample_weight = keep.to(dtype)
-        if options.reduction == "mean":
+        if local_mean:
             sample_weight = sample_weight / keep.sum(dim=-1, keepdim=True).clamp_min(1)
     # Eager, the kernel runs in inference mode, which spares each of its small operations autograd's
     # dispatch (the cost that dominates small batches); a compiled graph has no such cost and cannot trace
@@ -410,6 +440,8 @@ def _forward(
             standardize=options.standardize,
             propagate_non_finite=options.propagate_non_finite,
             out=grad_buffer,
+            batch_scope=options.batch_scope,
+            reduction=options.reduction,
         )
     if grad is not None and grad is not grad_buffer or dtype != student_logits.dtype and grad is not None:
         grad = grad.to(student_logits.dtype, copy=True)

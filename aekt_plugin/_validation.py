@@ -103,6 +103,17 @@ def _check_max_weight(name: str, value: object) -> float:
     return check_positive(name, value, allow_inf=True)
 
 
+def check_process_group(name: str, group: object) -> object:
+    """``None`` (the world) or a ``torch.distributed`` process group."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
 OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "temperature": check_temperature,
     "alpha": check_non_negative,
@@ -113,6 +124,8 @@ OPTION_CHECKS: dict[str, Callable[[str, object], object]] = {
     "ignore_index": check_ignore_index,
     "standardize": check_bool,
     "validate_args": check_bool,
+    "global_batch": check_bool,
+    "process_group": check_process_group,
 }
 """The rule of every loss option, by keyword: the one place an option's type and range are checked."""
 

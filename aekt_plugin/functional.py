@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import _kernel, _validation
+from . import _distributed, _kernel, _validation
 from ._kernel import KernelOptions, TargetStats, WeightRule, Weights, decoupled_kd, scale_
 from .defaults import DEFAULTS
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["TargetStats", "WeightRule", "Weights", "aekt_loss", "decoupled_loss", "dkd_loss", "kd_loss"]
 
@@ -66,6 +70,14 @@ _DOC_INPUTS = """
             ``torch.amp.GradScaler``, which inspects gradients, skips the step); the other samples keep
             finite values, except under AEKT's batch normalisation, which then spreads the bad sample's
             ``nan`` weight over the batch.
+
+        global_batch: under ``torch.distributed``, take AEKT's batch normalisation and the mean over the
+            kept samples over the samples of all ranks of ``process_group`` (``docs/derivations.md``, (B1)),
+            at the cost of one all-gather of two numbers per rank, so that DDP's averaged gradient is the
+            gradient of one process on the concatenated batch. Each rank's ``"mean"`` or ``"sum"`` value is
+            then its share of the global loss times the world size (their mean is the global loss). Without
+            torch.distributed, or with one rank, nothing changes. Every rank must call the loss alike.
+        process_group: the group whose samples make the batch (``None``: the world).
 
     Half-precision inputs are computed in ``float32`` (also under autocast); the loss is returned in
     ``float32`` (``float64`` for double inputs) and the gradient in the student's dtype. Double backward is
@@ -104,10 +116,9 @@ def _aekt_weights(
     """AEKT: ``a = α · min(q_t/p_t, w_max)`` (optionally divided by its batch mean), ``b = β``.
 
     The ratio is formed in log space, ``exp(min(log q_t - log p_t, log w_max))``, so an underflowing
-    ``p_t`` gives ``w_max`` rather than ``inf``. The batch-mean normalisation is a softmax over the batch,
-    ``w_i / mean(w) = B · softmax(log w)_i``, which shifts by the largest ``log w`` first, so a batch of
-    ratios too small for the dtype still averages to 1; ignored samples take no part in it. It is a
-    stop-gradient constant (derivations, eq. (12)).
+    ``p_t`` gives ``w_max`` rather than ``inf``. The batch-mean normalisation (:meth:`TargetStats.normalized`,
+    over all ranks' samples with ``global_batch``, (B1)) leaves ignored samples out and is a stop-gradient
+    constant (derivations, eq. (12)).
     """
     bound = math.log(max_weight)
     if not normalize_weight:
@@ -116,12 +127,8 @@ def _aekt_weights(
         bound = min(bound, _LOG_LARGEST_FINITE.get(stats.log_target_ratio.dtype, math.inf))
         log_ratio = stats.log_target_ratio.clamp(max=bound)
         return Weights(scale_(log_ratio.exp_(), alpha), beta)
-    log_ratio = stats.log_target_ratio.clamp(max=bound)
-    if stats.keep is None:
-        return Weights(scale_(torch.softmax(log_ratio, dim=-1), alpha * log_ratio.shape[-1]), beta)
-    kept = stats.keep.sum(dim=-1, keepdim=True)
-    shares = torch.softmax(log_ratio.masked_fill(~stats.keep, -math.inf), dim=-1)
-    return Weights(torch.where(stats.keep, shares * kept * alpha, 0.0), beta)
+    shares, batch_count = stats.normalized(stats.log_target_ratio.clamp(max=bound), alpha)
+    return Weights(shares, beta, batch_count=batch_count)
 
 
 def decoupled_loss(
@@ -135,6 +142,8 @@ def decoupled_loss(
     ignore_index: int | None = -100,
     standardize: bool = False,
     validate_args: bool = True,
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
     target_required: bool = True,
 ) -> Tensor:
     r"""Any member of the family, ``T²·(a·TCKD + b·NCKD)``, with the stop-gradient weights of your own
@@ -150,6 +159,8 @@ def decoupled_loss(
         ignore_index=ignore_index,
         standardize=standardize,
         validate_args=validate_args,
+        global_batch=global_batch,
+        process_group=process_group,
     )
     reduction, standardize, validate_args = checked["reduction"], checked["standardize"], checked["validate_args"]
     rows = _validation.prepare_rows(
@@ -162,6 +173,12 @@ def decoupled_loss(
         ignore_index=checked["ignore_index"],
         target_required=target_required,
     )
+    scope = _distributed.batch_scope(checked["global_batch"], checked["process_group"])
+    if scope is not None and _kernel._functorch_level() is not None:
+        raise ValueError(
+            "global_batch=True under a torch.func transform is not supported: each vmapped instance is a "
+            "batch of its own; pass global_batch=False there"
+        )
     grad_enabled = torch.is_grad_enabled()
     if teacher_logits.requires_grad and grad_enabled:
         _validation.warn_once(
@@ -178,6 +195,7 @@ def decoupled_loss(
         grad_enabled and isinstance(temperature, Tensor) and temperature.requires_grad,
         standardize,
         not validate_args,
+        scope,
     )
     eager = _kernel.is_eager()
     classes, keep = rows.classes, rows.keep
@@ -223,6 +241,8 @@ def kd_loss(
     ignore_index: int | None = -100,
     standardize: bool = False,
     validate_args: bool = True,
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     return decoupled_loss(
         student_logits,
@@ -235,6 +255,8 @@ def kd_loss(
         ignore_index=ignore_index,
         standardize=standardize,
         validate_args=validate_args,
+        global_batch=global_batch,
+        process_group=process_group,
     )
 
 
@@ -250,6 +272,8 @@ def dkd_loss(
     ignore_index: int | None = -100,
     standardize: bool = False,
     validate_args: bool = True,
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     weights = _validation.check_options(alpha=alpha, beta=beta)
     return decoupled_loss(
@@ -262,6 +286,8 @@ def dkd_loss(
         ignore_index=ignore_index,
         standardize=standardize,
         validate_args=validate_args,
+        global_batch=global_batch,
+        process_group=process_group,
     )
 
 
@@ -279,6 +305,8 @@ def aekt_loss(
     ignore_index: int | None = -100,
     standardize: bool = False,
     validate_args: bool = True,
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     weights = _validation.check_options(
         alpha=alpha, beta=beta, max_weight=max_weight, normalize_weight=normalize_weight
@@ -293,6 +321,8 @@ def aekt_loss(
         ignore_index=ignore_index,
         standardize=standardize,
         validate_args=validate_args,
+        global_batch=global_batch,
+        process_group=process_group,
     )
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _validation, functional
+from . import _distributed, _validation, functional
 
 
 class Decomposition(NamedTuple):
@@ -82,6 +82,11 @@ def _rows(
 ) -> tuple[_validation.Rows, Tensor, Tensor, Tensor]:
     """Checked rows, the logits the loss sees (standardized or not), and the mask of kept samples."""
     checked = _validation.check_options(**options)
+    if _distributed.batch_scope(checked["global_batch"], checked["process_group"]) is not None:
+        raise ValueError(
+            "the reference computes one process's batch; for global_batch=True under torch.distributed "
+            "compare with one process on the concatenated batch"
+        )
     rows = _validation.prepare_rows(
         student_logits,
         teacher_logits,

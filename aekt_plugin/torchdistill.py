@@ -260,12 +260,21 @@ class IODictLoss(nn.Module):
 _WRAPPER_KEYS = ("student_module_path", "student_module_io", "teacher_module_path", "teacher_module_io", "warmup_steps")
 
 
+def _distributed_run() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
 def _io_dict_loss(key: str, loss_class: Callable[..., nn.Module]) -> Callable[..., IODictLoss]:
     """The registered builder of ``key``: the io-dict keys of the yaml go to :class:`IODictLoss`, every
     other key to ``loss_class``."""
 
     def build(**kwargs: Any) -> IODictLoss:
         wrapper = {name: kwargs.pop(name) for name in _WRAPPER_KEYS if name in kwargs}
+        # torchdistill builds the criterion after it has set up torch.distributed: a distributed run gets the
+        # batch of all ranks (AEKT's normalisation, the mean over kept samples) unless the yaml says otherwise.
+        kwargs.setdefault("global_batch", _distributed_run())
         if "reduction" in kwargs:
             kwargs["reduction"] = _check_reduction(kwargs["reduction"])
         try:

@@ -18,8 +18,9 @@ ADAPTERS = sorted(
     [*PACKAGE.glob("timm/*.py"), *PACKAGE.glob("mdistiller/*.py"), PACKAGE / "torchdistill.py"]
 )
 # Options an adapter may name: the temperature (mdistiller spells it T) and those fixed by a toolkit's
-# conventions (its reduction, no ignored samples, no value checks in the hot loop).
-TOOLKIT_VOCABULARY = {"temperature", "reduction", "ignore_index", "validate_args"}
+# conventions or its distributed mode (its reduction, no ignored samples, no value checks in the hot loop,
+# the global batch of a distributed run).
+TOOLKIT_VOCABULARY = {"temperature", "reduction", "ignore_index", "validate_args", "global_batch", "process_group"}
 CORE_ONLY = {
     p.name
     for p in inspect.signature(aekt_loss).parameters.values()

@@ -687,3 +687,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     resumed = torch.load(killed / "student.pt", weights_only=True)
     assert expected.keys() == resumed.keys()
     assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+
+
+def test_a_distributed_run_gets_the_global_batch_unless_the_yaml_says_otherwise(monkeypatch):
+    assert _yaml_loss("AEKTLoss").criterion.global_batch is False  # one process
+    monkeypatch.setattr(td, "_distributed_run", lambda: True)  # torchdistill set up torch.distributed
+    assert _yaml_loss("AEKTLoss").criterion.global_batch is True
+    assert _yaml_loss("DKDLoss", global_batch=False).criterion.global_batch is False

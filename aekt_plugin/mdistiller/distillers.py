@@ -35,8 +35,15 @@ DISTILLER_NAMES = ("AEKT", "DKD_FUSED")
 _CLASS_NAMES = {"AEKT": "AEKT", "DKD_FUSED": "DKDFused"}
 
 # Options that are no choice of an mdistiller run: classification targets are never ignored, the mean is
-# the reduction its trainers expect, and a training step is the hot loop (no value checks, no host sync).
-_FIXED_OPTIONS = {"reduction": "mean", "ignore_index": None, "validate_args": False}
+# the reduction its trainers expect, a training step is the hot loop (no value checks, no host sync), and
+# its tools/train.py runs one process (nn.DataParallel), so there is no global batch across ranks.
+_FIXED_OPTIONS = {
+    "reduction": "mean",
+    "ignore_index": None,
+    "validate_args": False,
+    "global_batch": False,
+    "process_group": None,
+}
 
 
 def _yaml_key(option: str) -> str:

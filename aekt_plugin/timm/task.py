@@ -360,13 +360,19 @@ class AEKTDistillationTask(TrainingTask):
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> AEKTDistillationTask:
         """Wrap the student (with its serial layer) in DDP; the frozen teacher stays unwrapped.
 
-        ``device_ids`` are dropped for a student on the CPU, where DDP refuses them (timm's ``train.py``
-        passes ``[device]`` on every device).
+        The distillation loss switches to ``global_batch=True`` (where it has the option), so that DDP's
+        averaged gradient is that of one process on all ranks' samples; set it back afterwards to normalise
+        per rank. ``device_ids`` are dropped for a student on the CPU, where DDP refuses them (timm's
+        ``train.py`` passes ``[device]`` on every device).
         """
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         for param in self.teacher.parameters():
             param.requires_grad_(False)
+        if getattr(self.distill_loss, "global_batch", None) is False:
+            # DDP averages the ranks' gradients: with the global batch, that average is the gradient of one
+            # process on all ranks' samples (AEKT's normalisation and the mean run over them).
+            self.distill_loss.global_batch = True
         parameter = next(self.trainable_module.parameters(), None)
         if parameter is not None and parameter.device.type == "cpu":
             device_ids = None
