@@ -62,10 +62,11 @@ def _check_supported(method: MethodConfig) -> None:
     ]
     if isinstance(method, SerialVariant) and (method.s_lr_scale != 1.0 or not method.s_weight_decay):
         unsupported.append("a serial layer with its own learning rate or weight decay")
-    if method.loss == "kd" and method.option("standardize"):
-        unsupported.append("standardize (timm's LogitDistillationTask has no such option)")
-    if method.loss == "kd" and set(method.options) != {"temperature", "standardize"}:
-        unsupported.append("KD options beyond the temperature (timm's LogitDistillationTask takes no others)")
+    if method.loss == "kd":
+        defaults = MethodConfig("kd", loss="kd").options
+        changed = sorted(k for k, v in method.options.items() if k != "temperature" and v != defaults[k])
+        if changed:
+            unsupported.append(f"{', '.join(changed)} (timm's LogitDistillationTask takes a temperature only)")
     if unsupported:
         raise ValueError(f"method {method.name!r}: the timm family cannot run {', '.join(unsupported)}")
 

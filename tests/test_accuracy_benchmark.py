@@ -130,7 +130,7 @@ def test_a_method_is_the_core_loss_with_the_options_it_names(accuracy):
 
 def aekt_plugin_options(function: str) -> dict:
     parameters = inspect.signature(getattr(ak, function)).parameters.values()
-    fixed = {"reduction", "ignore_index", "validate_args"}
+    fixed = {"reduction", "ignore_index", "validate_args", "global_batch", "process_group"}
     return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in fixed}
 
 

@@ -58,8 +58,15 @@ LOSSES = ("ce", "kd", "dkd", "aekt")
 
 
 _LOSS_MODULES: dict[str, Callable[..., nn.Module]] = {"kd": KDLoss, "dkd": DKDLoss, "aekt": AEKTLoss}
-# Options every run uses alike: a training step is the hot loop, and the tables' samples are never ignored.
-_FIXED_OPTIONS = {"reduction": "mean", "ignore_index": None, "validate_args": False}
+# Options every run uses alike: a training step is the hot loop, the tables' samples are never ignored, and
+# a run is one process.
+_FIXED_OPTIONS = {
+    "reduction": "mean",
+    "ignore_index": None,
+    "validate_args": False,
+    "global_batch": False,
+    "process_group": None,
+}
 
 
 @dataclass(frozen=True)
