@@ -307,7 +307,9 @@ def test_a_missing_demo_package_is_one_line_naming_the_extra(
 def test_demo_reads_fashion_mnist_from_data_dir(tiny_demo, fake_fmnist: Path, capsys) -> None:
     from aekt_plugin.demo import run_demo
 
-    result = run_demo(["--dataset", "fmnist100", "--data-dir", str(fake_fmnist), "--seeds", "1", "--no-progress"])
+    result = run_demo(
+        ["--dataset", "fmnist100", "--data-dir", str(fake_fmnist), "--seeds", "1", "--no-progress"]
+    )
     assert result["protocol"]["data"]["root"] == str(fake_fmnist)
     assert result["protocol"]["splits"]["input_shape"] == [1, 28, 56]
     assert [r["method"] for r in result["runs"]] == ["CE", "KD", "DKD", "AEKT"]
