@@ -54,11 +54,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aekt`` with ``argv``; returns the exit status (2, with one line on stderr, when an optional
+    package the subcommand needs is not installed)."""
     import sys
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    args = build_parser(command if command in _COMMANDS else None).parse_args(arguments)
-    module, _, run, _ = _COMMANDS[args.command]
-    status = getattr(importlib.import_module(module), run)(args)
+    try:
+        args = build_parser(command if command in _COMMANDS else None).parse_args(arguments)
+        module, _, run, _ = _COMMANDS[args.command]
+        status = getattr(importlib.import_module(module), run)(args)
+    except ImportError as err:
+        from .demo._deps import missing_extra  # imports nothing beyond the standard library
+
+        missing = missing_extra(err)
+        if missing is None:
+            raise
+        print(f"aekt {command}: error: {missing}", file=sys.stderr)
+        return 2
     return status if isinstance(status, int) else 0

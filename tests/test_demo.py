@@ -273,17 +273,68 @@ def test_the_default_demo_shows_what_distillation_does(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_a_missing_plotting_package_is_reported_before_any_training(tmp_path: Path, run_without) -> None:
+@pytest.mark.parametrize(
+    ("missing", "shown", "argv"),
+    [
+        ("numpy", "numpy", ["--no-progress"]),
+        ("sklearn", "scikit-learn", ["--no-progress"]),
+        ("tqdm", "tqdm", []),  # the progress bars need it
+        ("matplotlib", "matplotlib", ["--no-progress", "--out", "OUT"]),  # the plot needs it
+    ],
+)
+def test_a_missing_demo_package_is_one_line_naming_the_extra(
+    tmp_path: Path, run_without, missing: str, shown: str, argv: list[str]
+) -> None:
+    """Without the demo extra, ``aekt demo`` says which extra to install -- one line, exit status 2, no
+    traceback -- before any training."""
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
     done = run_without(
-        ("matplotlib",),
-        "from aekt_plugin import cli\n"
-        f"cli.main(['demo', '--out', {str(tmp_path / 'out')!r}, '--no-progress'])\n",
+        (missing,),
+        f"from aekt_plugin import cli\nsys.exit(cli.main(['demo', *{argv!r}]))\n",
         env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
-    assert done.returncode != 0
-    assert 'pip install "aekt-plugin[demo]"' in done.stderr and "matplotlib" in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    # torch itself warns at import when numpy is missing; what the demo adds is its one line
+    line = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert line.startswith("aekt demo: error: ") and 'pip install "aekt-plugin[demo]"' in line
+    assert repr(shown) in line
     assert "teacher" not in done.stdout  # nothing was trained
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_demo_reads_fashion_mnist_from_data_dir(tiny_demo, fake_fmnist: Path, capsys) -> None:
+    from aekt_plugin.demo import run_demo
+
+    result = run_demo(
+        ["--dataset", "fmnist100", "--data-dir", str(fake_fmnist), "--seeds", "1", "--no-progress"]
+    )
+    assert result["protocol"]["data"]["root"] == str(fake_fmnist)
+    assert result["protocol"]["splits"]["input_shape"] == [1, 28, 56]
+    assert [r["method"] for r in result["runs"]] == ["CE", "KD", "DKD", "AEKT"]
+    assert "| AEKT |" in capsys.readouterr().out
+
+
+def test_demo_without_fashion_mnist_files_names_the_fix(tiny_demo, tmp_path: Path, capsys) -> None:
+    from aekt_plugin.demo import run_demo
+
+    with pytest.raises(SystemExit) as exc:
+        run_demo(["--dataset", "fmnist100", "--data-dir", str(tmp_path / "empty"), "--no-progress"])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert "apt-get install dataset-fashion-mnist" in line and "--data-dir" in line and str(tmp_path) in line
+    assert captured.out == ""  # nothing was trained
+
+
+def test_data_dir_is_refused_for_a_dataset_that_reads_no_files(tmp_path: Path, capsys) -> None:
+    from aekt_plugin.demo import run_demo
+
+    with pytest.raises(SystemExit) as exc:
+        run_demo(["--dataset", "digits100", "--data-dir", str(tmp_path), "--no-progress"])
+    assert exc.value.code == 2
+    assert "--data-dir applies to fashion-mnist and fmnist100" in capsys.readouterr().err
 
 
 def test_results_round_trip_non_finite_accuracy(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ import torch
 __all__ = [
     "DATASETS",
     "FASHION_MNIST_DIR",
+    "FILE_DATASETS",
     "Splits",
     "load_dataset",
     "load_digits",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 DATASETS = ("digits100", "digits", "fashion-mnist", "fmnist100")
+FILE_DATASETS = ("fashion-mnist", "fmnist100")
+"""The data sets read from Fashion-MNIST's IDX files (their loaders take ``root=``, the files' directory)."""
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _APT_HINT = "sudo apt-get install dataset-fashion-mnist"
 
@@ -190,7 +193,7 @@ def _fashion_mnist_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST files not found in {root} (missing: {', '.join(missing)}); "
-            f"install them with: {_APT_HINT}  (or pass another directory)"
+            f"install them with: {_APT_HINT}, or point --data-dir (root= in Python) at their directory"
         )
     return tuple(read_idx(root / names[k]) for k in ("x_train", "y_train", "x_test", "y_test"))  # type: ignore[return-value]
 

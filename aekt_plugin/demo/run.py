@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from ._deps import require
+from .data import FASHION_MNIST_DIR, FILE_DATASETS
 from .protocol import SETTINGS, Prepared, Setting, prepare
 from .report import format_table, plot_results, read_results, write_results
 from .train import BatchFn, MethodConfig, StepFactory, core_step, train_student
@@ -196,7 +199,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         choices=sorted(SETTINGS),
         default="digits100",
         help="digits100 (default: pairs of scikit-learn's digits, 100 classes), digits (10 classes), "
-        "fashion-mnist or fmnist100 (Debian's dataset-fashion-mnist)",
+        "fashion-mnist or fmnist100 (Fashion-MNIST's files: Debian's dataset-fashion-mnist, or --data-dir)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"directory of Fashion-MNIST's IDX files for {' and '.join(FILE_DATASETS)} "
+        f"(default {FASHION_MNIST_DIR}, where Debian's dataset-fashion-mnist puts them)",
     )
     parser.add_argument(
         "--seeds",
@@ -225,6 +235,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def _usage_error(message: str) -> NoReturn:
+    """Stop as argparse does on a bad option: one line on stderr, exit status 2."""
+    print(f"aekt demo: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str, Any]:
     """Run ``aekt demo`` with ``argv`` (a list of strings, or a parsed namespace); print and return the
     results ``{"protocol", "runs", "table"}``."""
@@ -236,6 +252,8 @@ def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.data_dir is not None and args.dataset not in FILE_DATASETS:
+        _usage_error(f"--data-dir applies to {' and '.join(FILE_DATASETS)}, not to {args.dataset}")
     # Optional packages are checked before any training, not when the results are written.
     if not args.no_progress:
         require("tqdm")
@@ -244,12 +262,15 @@ def run_demo(argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str
     torch.set_num_threads(args.threads)
     setting: Setting = SETTINGS[args.dataset]
     if args.epochs is not None:
-        from dataclasses import replace
-
         setting = replace(setting, student=replace(setting.student, epochs=args.epochs))
+    if args.data_dir is not None:  # only when given, so the default's teacher cache key stays as it was
+        setting = replace(setting, data={**setting.data, "root": str(args.data_dir)})
     show = not args.no_progress
     t0 = time.perf_counter()
-    prepared = prepare(setting, cache=not args.no_cache, progress=show)
+    try:
+        prepared = prepare(setting, cache=not args.no_cache, progress=show)
+    except FileNotFoundError as err:  # the data files are read before any training
+        _usage_error(str(err))
     teacher = prepared.teacher_info
     print(
         f"teacher ({teacher['model']}, {teacher['params']} params): "
