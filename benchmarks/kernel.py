@@ -76,7 +76,7 @@ def end_to_end_benchmark(
     alpha: float = 1.0,
     beta: float = 8.0,
     rounds: int = 41,
-    warmup: int = 3,
+    untimed_calls: int = 3,
     min_block_s: float = 0.05,
     seed: int = 0,
     clock: str = "cpu",
@@ -128,7 +128,7 @@ def end_to_end_benchmark(
     times, calls = interleaved_timing(
         steps,
         rounds=rounds,
-        warmup=warmup,
+        untimed_calls=untimed_calls,
         min_block_s=min_block_s,
         device=device,
         seed=seed,

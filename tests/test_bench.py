@@ -179,7 +179,7 @@ def test_every_round_runs_each_block_once_in_a_fresh_order(monkeypatch: pytest.M
     log: list[str] = []
     steps = {name: (lambda name=name: log.append(name)) for name in "abcd"}
     times, calls = timing.interleaved_timing(
-        steps, rounds=12, warmup=0, min_block_s=0.0, device=torch.device("cpu")
+        steps, rounds=12, untimed_calls=0, min_block_s=0.0, device=torch.device("cpu")
     )
     rounds = [log[i : i + 4] for i in range(0, len(log), 4)]
     assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
@@ -328,7 +328,7 @@ def small_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
             "--device=cpu",
             "--shapes=16x10",
             "--rounds=3",
-            "--warmup=1",
+            "--untimed-calls=1",
             "--min-block-ms=0.5",
             "--options",
             "--quiet",
@@ -421,7 +421,7 @@ def test_benchmark_rejects_bad_arguments_by_name(kwargs: dict, argument: str) ->
 
 def test_an_option_method_is_timed_with_the_loss_without_it() -> None:
     result = bench.benchmark(
-        shapes=[(8, 10)], methods=["kd_plain", "dkd_fused+ignore"], rounds=1, warmup=0, min_block_ms=0
+        shapes=[(8, 10)], methods=["kd_plain", "dkd_fused+ignore"], rounds=1, untimed_calls=0, min_block_ms=0
     )
     (entry,) = result["kernel"]
     assert list(entry["methods"]) == ["kd_plain", "dkd_fused", "dkd_fused+ignore"]
@@ -446,7 +446,7 @@ def test_option_cases_set_what_their_name_says() -> None:
 
 
 def test_a_run_without_the_fused_aekt_judges_nothing_and_does_not_pass() -> None:
-    result = bench.benchmark(shapes=[(8, 10)], methods=["kd_plain"], rounds=1, warmup=0, min_block_ms=0)
+    result = bench.benchmark(shapes=[(8, 10)], methods=["kd_plain"], rounds=1, untimed_calls=0, min_block_ms=0)
     assert result["kernel"][0]["targets"] == [] and result["passed"] is False
 
 
@@ -491,7 +491,7 @@ def _load_kernel_script():
 @pytest.mark.slow  # a few seconds of training steps
 def test_kernel_script_adds_the_end_to_end_step_and_the_revision(tmp_path: Path) -> None:
     kernel = _load_kernel_script()
-    argv = ["--device=cpu", "--shapes=8x10", "--rounds=2", "--warmup=1", "--min-block-ms=0.5"]
+    argv = ["--device=cpu", "--shapes=8x10", "--rounds=2", "--untimed-calls=1", "--min-block-ms=0.5"]
     argv += ["--e2e-batch=8", "--e2e-classes=10", "--e2e-rounds=2", "--quiet"]
     assert kernel.main([*argv, f"--json={tmp_path / 'r.json'}", f"--markdown={tmp_path / 'r.md'}"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())

@@ -67,7 +67,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--rounds", type=int, default=51, help="interleaved timing rounds per shape (default 51)"
     )
-    parser.add_argument("--warmup", type=int, default=5, help="warm-up calls per method (default 5)")
+    parser.add_argument("--untimed-calls", type=int, default=5, help="calls of each method before timing starts, for caches and allocators (default 5)")
     parser.add_argument(
         "--min-block-ms", type=float, default=5.0, help="minimum length of a timed block (default 5)"
     )
@@ -102,7 +102,7 @@ def _benchmark_from_args(args: argparse.Namespace) -> dict[str, Any]:
         alpha=args.alpha,
         beta=args.beta,
         rounds=args.rounds,
-        warmup=args.warmup,
+        untimed_calls=args.untimed_calls,
         min_block_ms=args.min_block_ms,
         seed=args.seed,
         clock=args.clock,

@@ -77,7 +77,7 @@ def kernel_benchmark(
     alpha: float = 1.0,
     beta: float = 8.0,
     rounds: int = 51,
-    warmup: int = 5,
+    untimed_calls: int = 5,
     min_block_s: float = 0.005,
     seed: int = 0,
     clock: str = "cpu",
@@ -94,7 +94,7 @@ def kernel_benchmark(
         times, block_calls = interleaved_timing(
             {name: case.step for name, case in cases.items()},
             rounds=rounds,
-            warmup=warmup,
+            untimed_calls=untimed_calls,
             min_block_s=min_block_s,
             device=device,
             seed=seed,
@@ -213,7 +213,7 @@ def benchmark(
     alpha: float = 1.0,
     beta: float = 8.0,
     rounds: int = 51,
-    warmup: int = 5,
+    untimed_calls: int = 5,
     min_block_ms: float = 5.0,
     seed: int = 0,
     clock: str = "cpu",
@@ -237,8 +237,8 @@ def benchmark(
     for name, value in (("threads", threads), ("rounds", rounds)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if warmup < 0 or min_block_ms < 0:
-        raise ValueError(f"warmup and min_block_ms must be >= 0, got {warmup}, {min_block_ms}")
+    if untimed_calls < 0 or min_block_ms < 0:
+        raise ValueError(f"untimed_calls and min_block_ms must be >= 0, got {untimed_calls}, {min_block_ms}")
     if clock not in CLOCKS:
         raise ValueError(f"clock: must be one of {CLOCKS}, got {clock!r}")
 
@@ -252,7 +252,7 @@ def benchmark(
                 "beta": beta,
                 "aekt_defaults": {k: getattr(aekt_plugin.DEFAULTS, k) for k in ("max_weight", "normalize_weight")},
                 "rounds": rounds,
-                "warmup": warmup,
+                "untimed_calls": untimed_calls,
                 "min_block_ms": min_block_ms,
                 "seed": seed,
                 "clock": clock_name(device, clock),
@@ -272,7 +272,7 @@ def benchmark(
                 alpha=alpha,
                 beta=beta,
                 rounds=rounds,
-                warmup=warmup,
+                untimed_calls=untimed_calls,
                 min_block_s=min_block_ms / 1000.0,
                 seed=seed,
                 clock=clock,

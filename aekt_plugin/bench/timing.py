@@ -132,7 +132,7 @@ def interleaved_timing(
     steps: dict[str, Callable[[], None]],
     *,
     rounds: int,
-    warmup: int,
+    untimed_calls: int,
     min_block_s: float,
     device: torch.device,
     seed: int = 0,
@@ -147,7 +147,7 @@ def interleaved_timing(
     rounds.
     """
     for step in steps.values():
-        for _ in range(warmup):
+        for _ in range(untimed_calls):
             step()
     _sync(device)
     calls = {name: calibrate(step, min_block_s, device, clock) for name, step in steps.items()}
