@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ._validation import check_bool, check_order
 from .defaults import DEFAULTS
 
-__all__ = ["SerialLayer", "SerialStudent", "find_classifier", "fold_serial"]
+__all__ = ["SerialLayer", "SerialStudent", "check_fold", "find_classifier", "fold_serial"]
 
 _CLASSIFIER_NAMES = ("fc", "classifier", "linear", "head")
 
@@ -194,6 +194,59 @@ def find_classifier(model: nn.Module) -> list[str]:
     return [names[id(linear)] for linear in linears]
 
 
+@torch.no_grad()
+def check_fold(model: nn.Module, paths: list[str], example_input: Tensor) -> None:
+    """Refuse a model whose logits are not exactly its classifiers' output, where folding ``S`` is wrong.
+
+    Folding ``S`` into the classifier(s) at ``paths`` is exact when the model's output is their output,
+    or the mean of several heads' outputs (the mean of per-token logits included): ``S`` is affine and
+    commutes with averaging. A head that adds anything else (VOLO's ``0.5 · max(aux_head(...))``, say)
+    would make the folded model differ from the wrapped one. The check runs ``model`` once on
+    ``example_input`` in eval mode and compares; the model's mode is restored.
+
+    Raises:
+        ValueError: the output differs from the classifiers' (the message gives the difference).
+    """
+    captured: list[Tensor] = []
+    handles = [
+        model.get_submodule(path).register_forward_hook(lambda _m, _i, out: captured.append(out))
+        for path in paths
+    ]
+    was_training = model.training
+    try:
+        output = model.eval()(example_input)
+    except Exception as exc:  # any failure of the model itself: say what to pass instead
+        raise ValueError(
+            f"could not run {type(model).__name__} on a test input of shape {tuple(example_input.shape)} to "
+            f"check that S folds exactly into its classifier ({type(exc).__name__}: {exc}); pass an input it "
+            "accepts as example_input=, or use order='cls_kd'"
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not isinstance(output, Tensor) or len(captured) != len(paths):
+        raise ValueError(
+            f"{type(model).__name__} did not run its classifier ({', '.join(paths)}) exactly once per head "
+            "on a test input, so S cannot be folded into it; use order='cls_kd'"
+        )
+    heads = [out.flatten(1, -2).mean(1) if out.ndim > 2 else out for out in captured]
+    expected = torch.stack(heads).mean(0).to(output.dtype)
+    if expected.shape != output.shape:
+        raise ValueError(
+            f"{type(model).__name__}'s classifier ({', '.join(paths)}) gives {tuple(expected.shape)} but the "
+            f"model returns {tuple(output.shape)}, so S cannot be folded into it; use order='cls_kd'"
+        )
+    scale = float(expected.abs().max()) + 1e-6
+    difference = float((output - expected).abs().max())
+    if difference > 1e-4 * scale + 1e-6:
+        raise ValueError(
+            f"{type(model).__name__}'s output is not its classifier's ({', '.join(paths)}): they differ by up to "
+            f"{difference:.3g} on a test input (its forward_head adds other terms), so S folded into the "
+            "classifier would change the model's output; use order='cls_kd' (S is dropped at inference)"
+        )
+
+
 def fold_serial(model: nn.Module, serial: SerialLayer | None, paths: list[str] | None = None) -> nn.Module:
     """A copy of ``model`` whose output is ``z_cls``: ``S`` folded into each classifier of ``paths`` (default
     :func:`find_classifier`) for ``"kd_cls"``; the plain copy for ``"cls_kd"`` or no serial layer.
@@ -223,6 +276,8 @@ class SerialStudent(nn.Module):
             ``DEFAULTS.order``.
         residual: the residual parameterisation of ``S``.
         num_classes: ``C``; read from ``model.num_classes`` or the classifier when omitted.
+        example_input: with ``"kd_cls"``, an input the model accepts; the student then checks once, when
+            it is built, that the model's output is its classifier's (:func:`check_fold`).
 
     With ``"kd_cls"`` the classifier is found (:func:`find_classifier`) when the student is built, so a
     model that cannot be folded is refused before any training.
@@ -241,6 +296,7 @@ class SerialStudent(nn.Module):
         *,
         residual: bool = False,
         num_classes: int | None = None,
+        example_input: Tensor | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -249,6 +305,8 @@ class SerialStudent(nn.Module):
         self.model = model
         self.order = order
         self._classifier_paths = find_classifier(model) if order == "kd_cls" else None
+        if self._classifier_paths is not None and example_input is not None:
+            check_fold(model, self._classifier_paths, example_input)
         self.serial: SerialLayer | None = None
         if order is not None:
             size = num_classes if num_classes is not None else _num_classes(model, self._classifier_paths)

@@ -749,3 +749,49 @@ def test_a_compiled_task_does_not_recompile_as_the_warmup_advances():
     # them the steps reuse the compiled code while the warm-up factor keeps rising.
     assert frames[2] == frames[-1] == counter.frame_count
     assert factors == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-6)
+
+
+def test_kd_cls_refuses_a_head_whose_output_is_not_its_classifiers():
+    # VOLO's forward_head adds 0.5 * max(aux_head(tokens)) to head(cls token): folding S into `head`
+    # alone would change the output, so the wrapper refuses it when it is built.
+    from timm.models.volo import VOLO
+
+    torch.manual_seed(0)
+    volo = VOLO(layers=(1, 1, 1, 1), embed_dims=(16, 32, 32, 32), num_heads=(1, 2, 2, 2), num_classes=7,
+                in_chans=1, img_size=32, stem_hidden_dim=8)
+    x = torch.randn(2, 1, 32, 32)
+    with pytest.raises(ValueError, match=r"VOLO's output is not its classifier's \(head\).*order='cls_kd'"):
+        AEKTStudent(volo, order="kd_cls", example_input=x)
+    # without an input it accepts (no pretrained_cfg: a 224-pixel guess) the check says what to pass
+    with pytest.raises(ValueError, match="pass an input it accepts as example_input="):
+        AEKTStudent(volo, order="kd_cls")
+    # the check restores the model's mode, and cls_kd (S dropped at inference) is exact for VOLO
+    volo.train()
+    student = AEKTStudent(volo, order="cls_kd")
+    assert volo.training
+    torch.testing.assert_close(student.fold().eval()(x), volo.eval()(x))
+
+
+@pytest.mark.parametrize("family", ["resnet", "vit", "deit_distilled"])
+def test_kd_cls_check_accepts_every_folding_head(family):
+    # one head, a ViT with a fixed 32-pixel patch embedding, and DeiT's two averaged heads
+    student = AEKTStudent(make_model(family), order="kd_cls")
+    perturb_serial(student)
+    x = images(family)
+    torch.testing.assert_close(student.fold().eval()(x), student.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", [("poolformerv2_s12", {}), ("pit_ti_distilled_224", dict(img_size=32)),
+                                          ("vit_tiny_patch16_224", _VIT)])
+def test_layer_decay_groups_are_the_plain_models(name, kwargs):
+    # poolformerv2 and PiT have no group_matcher: timm groups them by pretrained_cfg["classifier"], and the
+    # wrapper must give that grouping, not one group ("Layer-wise lr decay has no effect").
+    model = timm.create_model(name, num_classes=NUM_CLASSES, in_chans=1, **kwargs)
+    plain = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    student = AEKTStudent(model, order="cls_kd")
+    wrapped = create_optimizer_v2(student, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scale = {id(p): g["lr_scale"] for g in wrapped.param_groups for p in g["params"]}
+    plain_scale = {id(p): g["lr_scale"] for g in plain.param_groups for p in g["params"]}
+    assert len({*plain_scale.values()}) > 2
+    assert {i: scale[i] for i in plain_scale} == plain_scale
+    assert scale[id(student.serial.weight)] == 1.0 == max(plain_scale.values())

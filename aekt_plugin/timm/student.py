@@ -8,6 +8,7 @@ from typing import Any
 import timm
 import torch
 from timm.models import group_parameters
+from timm.optim import auto_group_layers
 from torch import Tensor, nn
 
 from .._validation import check_bool, check_order
@@ -45,6 +46,18 @@ def _infer_in_chans(model: nn.Module) -> int:
             return module.in_channels
     input_size = cfg.get("input_size")
     return int(input_size[0]) if input_size else 3
+
+
+def _example_input(model: nn.Module, in_chans: int) -> Tensor:
+    """One input the model accepts, for :func:`~aekt_plugin.serial.check_fold`: the patch embedding's
+    fixed image size where there is one, else ``pretrained_cfg["input_size"]``."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is None:
+        img_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (in_chans, 224, 224))[1:]
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    parameter = next(model.parameters(), None)
+    like = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
+    return torch.randn(1, in_chans, int(height), int(width), generator=torch.Generator().manual_seed(0)).to(**like)
 
 
 def _check_timm_classifier(model: object) -> nn.Module:
@@ -100,14 +113,18 @@ class AEKTStudent(SerialStudent):
             accepted with ``distilled_training`` off: the mean of their two heads (their inference output)
             is the classifier.
         order: ``"cls_kd"`` (``S`` is dropped at inference, so the wrapped model is what you deploy),
-            ``"kd_cls"`` (``S`` is folded into the classifier by :meth:`fold`; checked when the wrapper is
-            built) or ``None`` (no serial layer). The default is ``aekt_plugin.DEFAULTS.order``, ``None``:
+            ``"kd_cls"`` (``S`` is folded into the classifier by :meth:`fold`) or ``None`` (no serial
+            layer). With ``"kd_cls"`` the wrapper runs the model once when it is built and refuses a model
+            whose output is not exactly its classifier's (VOLO adds an auxiliary head's maximum), where
+            folding would change the output. The default is ``aekt_plugin.DEFAULTS.order``, ``None``:
             the accuracy benchmark found no gain from the serial layer, so :class:`AEKTDistillationTask`
             takes the plain timm model as well; the wrapper is for measuring the separation and for
             reading :meth:`relation_matrix`.
         residual: the residual parameterisation of ``S``.
         serial_weight_decay: ``False`` lists ``S``'s parameters in :meth:`no_weight_decay`, so timm's
             optimizer factory exempts them from weight decay.
+        example_input: the input of that check (default: one random image of the patch embedding's
+            fixed size or of ``pretrained_cfg["input_size"]``).
 
     Examples::
 
@@ -127,15 +144,21 @@ class AEKTStudent(SerialStudent):
         *,
         residual: bool = False,
         serial_weight_decay: bool = True,
+        example_input: Tensor | None = None,
     ) -> None:
         check_order(order)
         if isinstance(model, AEKTStudent):
             raise TypeError("model is already an AEKTStudent; wrap the timm model once")
         _check_timm_classifier(model)
         check_bool("serial_weight_decay", serial_weight_decay)
-        super().__init__(model, order, residual=residual, num_classes=model.num_classes)
+        in_chans = _infer_in_chans(model)
+        if order == "kd_cls" and example_input is None:
+            example_input = _example_input(model, in_chans)
+        super().__init__(
+            model, order, residual=residual, num_classes=model.num_classes, example_input=example_input
+        )
         self.serial_weight_decay = serial_weight_decay
-        self.in_chans = _infer_in_chans(model)
+        self.in_chans = in_chans
         self.distilled_training = False
 
     # --- timm's model vocabulary -------------------------------------------------------------------
@@ -203,10 +226,15 @@ class AEKTStudent(SerialStudent):
         return names
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int] | dict:
-        """Layer groups for layer-wise lr decay: the model's, with ``S`` in the last (head) group."""
-        if not hasattr(self.model, "group_matcher"):
-            return {}
-        layer_map = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
+        """Layer groups for layer-wise lr decay: the plain model's, with ``S`` in the last (head) group.
+
+        A model without a ``group_matcher`` gets timm's own fallback grouping (``auto_group_layers``, by
+        ``pretrained_cfg["classifier"]``), so the wrapper's groups and lr scales are the plain model's.
+        """
+        if hasattr(self.model, "group_matcher"):
+            layer_map = group_parameters(self.model, self.model.group_matcher(coarse=coarse), reverse=True)
+        else:
+            layer_map = auto_group_layers(self.model)
         head_layer = max(layer_map.values(), default=0)
 
         def _matcher(name: str) -> int:
@@ -269,8 +297,9 @@ class AEKTStudent(SerialStudent):
         The returned model has the wrapped model's class, state-dict keys and train/eval mode; this
         wrapper is not modified.
 
-        A classifier that cannot be folded (not an ``nn.Linear`` or a timm head ending in one) is refused
-        when an ``"kd_cls"`` wrapper is built, not here; ``"cls_kd"`` needs no folding.
+        A model that cannot be folded (its classifier is not an ``nn.Linear`` or a timm head ending in
+        one, or its output is not exactly the classifier's) is refused when a ``"kd_cls"`` wrapper is
+        built, not here; ``"cls_kd"`` needs no folding.
         """
         return super().fold()
 
