@@ -795,3 +795,46 @@ def test_layer_decay_groups_are_the_plain_models(name, kwargs):
     assert len({*plain_scale.values()}) > 2
     assert {i: scale[i] for i in plain_scale} == plain_scale
     assert scale[id(student.serial.weight)] == 1.0 == max(plain_scale.values())
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
+    # timm's own checkpoint path (CheckpointSaver, resume_task_checkpoint, load_task_ema_checkpoint):
+    # the warm-up clock, the learnable temperature, the serial layer and the EMA must all come back.
+    import signal
+    import time
+
+    worker = [sys.executable, str(ROOT / "tests" / "timm_task_resume_worker.py")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    subprocess.run(worker + [str(whole)], check=True, env=env, timeout=300)
+    marker = tmp_path / "paused"
+    process = subprocess.Popen(worker + [str(killed), "--pause-at", "2:1", str(marker)], env=env)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the worker never reached the pause"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final.pt").exists()
+    checkpoint = killed / "checkpoint-1.pth.tar"  # the last one saved: after epoch 1
+    subprocess.run(worker + [str(killed), "--resume", str(checkpoint)], check=True, env=env, timeout=300)
+    expected, resumed = (torch.load(d / "final.pt", weights_only=True) for d in (whole, killed))
+    assert expected["task_state"]["kd_warmup"]["steps"] == 12
+    assert float(expected["task_state"]["distill_loss"]["temperature"]) != 3.0  # it was trained
+    for part in ("student", "ema", "task_state"):
+        flat_expected, flat_resumed = _flatten(expected[part]), _flatten(resumed[part])
+        assert flat_expected.keys() == flat_resumed.keys()
+        for key, value in flat_expected.items():
+            assert torch.equal(value, flat_resumed[key]), f"{part}: {key} differs after the resume"
+
+
+def _flatten(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = torch.as_tensor(value)
+    return flat
