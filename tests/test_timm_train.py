@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -402,31 +403,36 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_cpu_processes_trains_through_the_tasks_ddp(root, data, teacher, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("extra", "wrapped"),
+    [
+        (["--kd-loss-type", "aekt", "--kd-beta", "2", "--kd-order", "cls_kd", "--kd-warmup-epochs", "1"],
+         r"AEKTDistillationTask wrapped its student in DistributedDataParallel \(device_ids=None, global_batch=True\)"),
+        (["--kd-loss-type", "kl"], r"LogitDistillationTask wrapped its student in DistributedDataParallel \(device_ids=None\)"),
+    ],
+    ids=["aekt", "kl"],
+)  # fmt: skip
+def test_torchrun_with_two_cpu_processes_trains_through_the_tasks_ddp(
+    root, data, teacher, tmp_path, extra, wrapped
+) -> None:
     """``torchrun --standalone --nproc_per_node 2`` on the CPU (gloo): train.py's prepare_distributed reaches
-    the task on both ranks, which wraps the student in DDP without device_ids and switches the loss to the
-    global batch; the run saves a checkpoint."""
+    the task on both ranks, which wraps the student in DDP without the device_ids train.py passes (refused
+    for CPU modules) and, for AEKT, switches the loss to the global batch; the run saves a checkpoint."""
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "aekt_plugin.timm.launcher",
-        *_argv(root, data, out, "--kd-loss-type", "aekt", "--kd-beta", "2", "--kd-order", "cls_kd",
-               "--kd-warmup-epochs", "1", teacher=teacher),
+        "-m", "aekt_plugin.timm.launcher", *_argv(root, data, out, *extra, teacher=teacher),
     ]  # fmt: skip
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     for rank in (0, 1):
-        assert re.search(
-            rf"aekt-timm: rank {rank} of 2: AEKTDistillationTask wrapped its student in DistributedDataParallel "
-            r"\(device_ids=None, global_batch=True\)",
-            log,
-        ), log[-3000:]
+        assert re.search(rf"aekt-timm: rank {rank} of 2: {wrapped}", log), log[-3000:]
     saved = _load(out / "last.pth.tar")
     assert saved["args"].world_size == 2
-    # each rank sees half the data: the clock counted that rank's updates
-    assert saved["task_state"]["kd_warmup"]["steps"] == (CLASSES * N_TRAIN // 2) // BATCH
-    assert {"serial.weight", "model.fc.weight"} <= saved["state_dict"].keys()
+    if "aekt" in extra:  # each rank sees half the data: the clock counted that rank's updates
+        assert saved["task_state"]["kd_warmup"]["steps"] == (CLASSES * N_TRAIN // 2) // BATCH
+        assert {"serial.weight", "model.fc.weight"} <= saved["state_dict"].keys()
 
 
 @pytest.mark.slow
@@ -440,11 +446,45 @@ def test_torchcompile_inductor_trains_and_saves_plain_keys(root, data, teacher, 
     model.load_state_dict(saved["state_dict"])  # no _orig_mod. prefix: train.py unwrapped the compiled module
 
 
-def test_the_readme_documents_every_launcher_flag() -> None:
+# --- the README ---------------------------------------------------------------------------------------------
+def _readme_section() -> str:
     readme = (REPO_ROOT / "README.md").read_text()
+    return readme.split("### timm's `train.py`", 1)[1].split("\n## ", 1)[0]
+
+
+def _readme_commands() -> list[list[str]]:
+    """The launcher's arguments in each training command of the README's bash blocks (single process and
+    torchrun), continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", _readme_section(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["aekt-timm"] and words[1:2] != ["export"]:
+                commands.append(words[1:])
+            elif words[:1] == ["torchrun"] and "aekt_plugin.timm.launcher" in words:
+                commands.append(words[words.index("aekt_plugin.timm.launcher") + 1 :])
+    return commands
+
+
+def test_the_readme_documents_every_launcher_flag() -> None:
     parser = argparse.ArgumentParser()
     launcher.add_arguments(parser)
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"]
-    section = readme.split("### timm's `train.py`", 1)[1].split("\n## ", 1)[0]
     for flag in [*flags, "--timm-root", "aekt-timm export", "torchrun --standalone --nproc_per_node"]:
-        assert flag in section, flag
+        assert flag in _readme_section(), flag
+
+
+def test_the_readme_commands_pass_the_launchers_checks(root, tmp_path, monkeypatch) -> None:
+    """Each training command of the README, as written, parses with train.py's parser and passes every check
+    (the run itself is replaced: the data and teachers are the reader's)."""
+    started = []
+    monkeypatch.setattr(launcher, "run", lambda module, argv, args, text, settings: started.append((args, settings)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.pth").touch()  # the CPU example's local teacher checkpoint
+    commands = _readme_commands()
+    assert len(commands) == 4
+    for words in commands:
+        assert launcher.main(["--timm-root", str(root), *words]) == 0, words
+        args, settings = started.pop()
+        assert settings.loss_type == args.kd_loss_type == words[words.index("--kd-loss-type") + 1]
+        assert settings.loss_options["beta"] == float(words[words.index("--kd-beta") + 1])
