@@ -488,3 +488,15 @@ def test_the_readme_commands_pass_the_launchers_checks(root, tmp_path, monkeypat
         args, settings = started.pop()
         assert settings.loss_type == args.kd_loss_type == words[words.index("--kd-loss-type") + 1]
         assert settings.loss_options["beta"] == float(words[words.index("--kd-beta") + 1])
+
+
+def test_the_console_script_is_declared() -> None:
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    scripts = dict(
+        line.split(" = ", 1) for line in config["options.entry_points"]["console_scripts"].strip().splitlines()
+    )
+    module, function = scripts["aekt-timm"].split(":")
+    assert (module, function) == ("aekt_plugin.timm.launcher", "main") and callable(getattr(launcher, function))
