@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -55,6 +56,16 @@ BACKEND, ROOT = _choose_backend()
 MODEL = "test_resnet"  # timm's own test model: 0.4M parameters, a Linear fc
 CLASSES, N_TRAIN, N_VAL, BATCH = 4, 10, 3, 8  # per class; 40 training images: 5 batches, the last update short
 IMG = 32
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before():
+    """train.py's main() adds a stderr handler to the root logger and sets it to INFO; in this process that
+    would outlive the test (and write to its closed capture)."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
 
 
 @pytest.fixture(scope="module", params=[BACKEND])
