@@ -158,9 +158,10 @@ def watch(monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize(
     ("loss_type", "loss_class", "flags", "options"),
     [
-        ("aekt", AEKTLoss, ["--kd-alpha", "0.5", "--kd-beta", "2", "--kd-max-weight", "3"],
-         {"alpha": 0.5, "beta": 2.0, "max_weight": 3.0}),
-        ("dkd", DKDLoss, ["--kd-alpha", "0.5", "--kd-beta", "6"], {"alpha": 0.5, "beta": 6.0}),
+        ("aekt", AEKTLoss, ["--kd-alpha", "0.5", "--kd-beta", "2", "--kd-max-weight", "3", "--no-kd-normalize-weight"],
+         {"alpha": 0.5, "beta": 2.0, "max_weight": 3.0, "normalize_weight": False}),
+        ("dkd", DKDLoss, ["--kd-alpha", "0.5", "--kd-beta", "6", "--kd-standardize"],
+         {"alpha": 0.5, "beta": 6.0, "standardize": True}),
     ],
 )  # fmt: skip
 def test_the_flags_reach_the_loss_and_the_warmup_counts_optimizer_updates(
@@ -177,6 +178,7 @@ def test_the_flags_reach_the_loss_and_the_warmup_counts_optimizer_updates(
     assert all(t is task for t, _ in seen) and len(seen) == _batches()
     assert type(task.distill_loss) is loss_class
     assert task.distill_loss.options() == {**task.distill_loss.option_defaults, **options, "temperature": 2.0}
+    assert task.distill_loss.validate_args is True  # fp32: the loss checks the values
     assert (task.task_loss_weight, task.distill_loss_weight) == (0.5, 3.0)
     assert isinstance(task.criterion, LabelSmoothingCrossEntropy) and task.criterion.smoothing == 0.2  # train.py's
     student = unwrap_model(task.get_trainable_module())
@@ -188,6 +190,18 @@ def test_the_flags_reach_the_loss_and_the_warmup_counts_optimizer_updates(
     assert task.num_updates == updates
     teacher_state = torch.load(teacher, weights_only=True)
     assert all(torch.equal(p, teacher_state[k]) for k, p in task.teacher.model.state_dict().items())
+
+
+def test_amp_trains_with_the_losss_value_checks_off(root, data, teacher, tmp_path, watch) -> None:
+    """``--amp`` (bfloat16 autocast on the CPU): the loss runs without its value checks, which would refuse
+    the inf of an fp16 overflow that the gradient scaler handles, and the run trains."""
+    seen = watch(AEKTDistillationTask)
+    extra = ["--kd-loss-type", "aekt", "--kd-beta", "2", "--kd-warmup-epochs", "0", "--amp", "--amp-dtype", "bfloat16"]
+    assert launcher.main(_argv(root, data, tmp_path / "run", *extra, teacher=teacher)) == 0
+    task = seen[0][0]
+    assert task.distill_loss.validate_args is False and len(seen) == _batches()
+    saved = _load(tmp_path / "run" / "last.pth.tar")
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
 
 def test_kl_stays_timms_own_task_with_a_local_dir_teacher(root, data, tmp_path, watch) -> None:

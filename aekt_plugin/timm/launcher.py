@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .._validation import OPTION_CHECKS, check_non_negative
+from ..loss import AEKTLoss, DKDLoss
 from ._train_py import LaunchSettings, UsageError, checkout_version_note, find_checkout, load_train_py, run
 
 __all__ = ["add_arguments", "main", "settings_from_args"]
@@ -33,12 +34,24 @@ PROG = "aekt-timm"
 LOSS_TYPES = ("kl", "aekt", "dkd")
 ORDERS = ("none", "cls_kd", "kd_cls")
 
-# flag -> (dest, loss option it sets, loss types that have it)
-_LOSS_FLAGS = {
-    "--kd-alpha": ("kd_alpha", "alpha", ("aekt", "dkd")),
-    "--kd-beta": ("kd_beta", "beta", ("aekt", "dkd")),
-    "--kd-max-weight": ("kd_max_weight", "max_weight", ("aekt",)),
-}
+_LOSSES = {"aekt": AEKTLoss, "dkd": DKDLoss}
+# Loss options that are no flag of their own: train.py's --kd-temperature; a train.py batch's mean over
+# samples none of which is ignored; value checks set from --amp; the global batch, which the task turns on
+# in prepare_distributed under torchrun.
+_NOT_FLAGS = {"temperature", "reduction", "ignore_index", "validate_args", "global_batch", "process_group"}
+
+
+def _loss_flags() -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """``--kd-<option>`` -> (dest, the loss option, the loss types that have it), for every option of the
+    losses' signatures but :data:`_NOT_FLAGS`: an option added to the core is a flag here too."""
+    flags: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+    for loss_type, loss_class in _LOSSES.items():
+        for option in loss_class.option_defaults:
+            if option not in _NOT_FLAGS:
+                flag = "--kd-" + option.replace("_", "-")
+                _, _, types = flags.get(flag, ("", "", ()))
+                flags[flag] = ("kd_" + option, option, (*types, loss_type))
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -49,22 +62,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "keep aekt_plugin.DEFAULTS. --kd-temperature, --task-loss-weight and --distill-loss-weight are "
         "train.py's and mean the same here.",
     )
-    group.add_argument("--kd-alpha", type=float, default=None, metavar="A", help="α, weight of the explicit (target) term")
-    group.add_argument("--kd-beta", type=float, default=None, metavar="B", help="β, weight of the implicit (non-target) term")
-    group.add_argument(
-        "--kd-max-weight", type=float, default=None, metavar="W",
-        help="AEKT only: bound of the teacher/student confidence ratio q_t/p_t (inf: none)",
-    )
+    for flag, (dest, option, types) in _loss_flags().items():
+        default = _LOSSES[types[0]].option_defaults[option]
+        kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        if not isinstance(default, bool):
+            kind = {"type": type(default), "metavar": option.upper()}
+        losses = " and ".join(_LOSSES[t].__name__ for t in types)
+        group.add_argument(
+            flag, dest=dest, default=None, **kind, help=f"the option {option} of {losses} (default: {default})"
+        )
     group.add_argument(
         "--kd-warmup-epochs", type=float, default=None, metavar="E",
         help="the distillation term ramps up linearly over E epochs, counted in optimizer updates "
         "(ceil(batches / --grad-accum-steps) per epoch); 0: no warm-up",
-    )
+    )  # fmt: skip
     group.add_argument(
         "--kd-order", default=None, choices=ORDERS,
         help="AEKT's serial layer S after the student's classifier: cls_kd (S dropped at inference), kd_cls "
         "(S folded into the classifier by 'aekt-timm export') or none (no layer, the default)",
-    )
+    )  # fmt: skip
     group.add_argument(
         "--kd-pretrained-path", default=None, metavar="PATH",
         help="local weights of the teacher --kd-model-name NAME (a state dict or a train.py checkpoint), "
@@ -137,10 +153,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LaunchSettings, list[s
         near = difflib.get_close_matches(str(loss_type), LOSS_TYPES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise UsageError(f"--kd-loss-type {loss_type!r} is none of {', '.join(LOSS_TYPES)}{hint}")
+    loss_flags = _loss_flags()
     given = {
         flag: getattr(args, dest)
         for flag, dest in (
-            *((flag, dest) for flag, (dest, _, _) in _LOSS_FLAGS.items()),
+            *((flag, dest) for flag, (dest, _, _) in loss_flags.items()),
             ("--kd-warmup-epochs", "kd_warmup_epochs"),
             ("--kd-order", "kd_order"),
             ("--kd-pretrained-path", "kd_pretrained_path"),
@@ -153,7 +170,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LaunchSettings, list[s
             raise UsageError(f"{flags} distil from a teacher: add --kd-model-name NAME (train.py's flag)")
         return LaunchSettings(loss_type="kl", loss_options={}), []
 
-    for flag, (dest, _, types) in _LOSS_FLAGS.items():
+    for flag, (_, _, types) in loss_flags.items():
         if flag in given and loss_type not in types:
             raise UsageError(
                 f"{flag} is an option of --kd-loss-type {' and '.join(types)}, not of {loss_type}"
@@ -182,7 +199,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LaunchSettings, list[s
         )
     options = {
         option: _check(flag, OPTION_CHECKS[option], given[flag])
-        for flag, (_, option, _) in _LOSS_FLAGS.items()
+        for flag, (_, option, _) in loss_flags.items()
         if flag in given
     }
     warmup = given.get("--kd-warmup-epochs")
