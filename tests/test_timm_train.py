@@ -31,7 +31,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy  # noqa: E402
 from timm.task import LogitDistillationTask  # noqa: E402
 from timm.utils import unwrap_model  # noqa: E402
 

@@ -124,7 +124,8 @@ def load_train_py(root: Path) -> ModuleType:
                 f"{path} does not import with the installed timm {timm.__version__} ({error}); install the "
                 f"checkout's own timm: pip install -e {root}"
             ) from None
-    missing = [name for name in ("parser", "_parse_args", "main", "LogitDistillationTask") if not hasattr(module, name)]
+    needed = ("parser", "_parse_args", "main", "LogitDistillationTask")
+    missing = [name for name in needed if not hasattr(module, name)]
     if missing:
         raise UsageError(
             f"{path} lacks {', '.join(missing)}: aekt-timm runs the train.py of timm >= 1.0.29 "
@@ -297,7 +298,8 @@ def _task_factory(
             common["teacher_pretrained_path"] = settings.teacher_pretrained_path
         if settings.loss_type == "kl":
             options = {} if temperature is None else {"temperature": temperature}
-            return _launched(timm_task)(student_model, teacher_model, loss_type=loss_type, **options, **common)
+            task_class = _launched(timm_task)
+            return task_class(student_model, teacher_model, loss_type=loss_type, **options, **common)
 
         task_class, loss_class = {
             "aekt": (AEKTDistillationTask, AEKTLoss),

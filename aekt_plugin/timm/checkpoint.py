@@ -141,8 +141,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, atol: float
         difference = max(difference, float((expected - got).abs().max()) / scale)
         if not difference <= atol:
             raise ExportError(
-                f"the plain model's logits differ from the wrapper's by {difference:.3g} (relative) on random "
-                f"inputs, more than {atol:g}: not exported"
+                f"the plain model's logits differ from the wrapper's by {difference:.3g} (relative) on "
+                f"random inputs, more than {atol:g}: not exported"
             )
         exported[key] = plain.state_dict()
 
@@ -171,7 +171,8 @@ def export_main(argv: Sequence[str]) -> int:
     except ExportError as error:
         print(f"aekt-timm export: error: {error}", file=sys.stderr)
         return 2
-    what = {None: "no serial layer", "kd_cls": "S folded into the classifier", "cls_kd": "S dropped"}[result.order]
+    what = {None: "no serial layer", "kd_cls": "S folded into the classifier", "cls_kd": "S dropped"}
+    what = what[result.order]
     print(
         f"wrote {result.output}: {result.model}, {what}; {' and '.join(result.state_dicts)}; "
         f"largest logit difference to the trained wrapper {result.max_abs_difference:.2g} (relative)"

@@ -1,8 +1,8 @@
-"""``aekt-timm``: run a timm checkout's own, unchanged ``train.py`` with AEKT or DKD as its logit distillation.
+"""``aekt-timm``: run a timm checkout's own, unchanged ``train.py`` with AEKT or DKD as its distillation.
 
 ::
 
-    aekt-timm --model resnet18 --kd-model-name resnet50 --kd-loss-type aekt --kd-beta 2 ...   # train.py's flags
+    aekt-timm --model resnet18 --kd-model-name resnet50 --kd-loss-type aekt --kd-beta 2 ...  # + train.py's
     aekt-timm export output/train/EXP/model_best.pth.tar student.pth.tar   # the plain timm model's weights
 
 Every train.py flag passes through and means what it means there; ``--kd-loss-type aekt`` or ``dkd``
@@ -55,7 +55,7 @@ def _loss_flags() -> dict[str, tuple[str, str, tuple[str, ...]]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Add the launcher's flags to ``parser`` (train.py's) as one group; defaults ``None`` mean "not given"."""
+    """Add the launcher's flags to ``parser`` (train.py's) as one group; a default ``None`` is "not given"."""
     group = parser.add_argument_group(
         "aekt-timm (AEKT / DKD distillation)",
         "with --kd-model-name TEACHER and --kd-loss-type aekt or dkd (train.py's own flags); unset options "
@@ -68,9 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         if not isinstance(default, bool):
             kind = {"type": type(default), "metavar": option.upper()}
         losses = " and ".join(_LOSSES[t].__name__ for t in types)
-        group.add_argument(
-            flag, dest=dest, default=None, **kind, help=f"the option {option} of {losses} (default: {default})"
-        )
+        help_text = f"the option {option} of {losses} (default: {default})"
+        group.add_argument(flag, dest=dest, default=None, help=help_text, **kind)
     group.add_argument(
         "--kd-warmup-epochs", type=float, default=None, metavar="E",
         help="the distillation term ramps up linearly over E epochs, counted in optimizer updates "
@@ -98,8 +97,12 @@ def _own_parser() -> argparse.ArgumentParser:
         epilog="subcommand: aekt-timm export CHECKPOINT OUT  (the plain timm model of a serial-layer run). "
         "Run inside a pytorch-image-models checkout to see train.py's flags here too.",
     )
-    parser.add_argument("--timm-root", metavar="DIR", help="the pytorch-image-models checkout (default: $TIMM_ROOT, "
-                        "else the checkout the current directory is in)")
+    parser.add_argument(
+        "--timm-root",
+        metavar="DIR",
+        help="the pytorch-image-models checkout (default: $TIMM_ROOT, else the one the current directory is "
+        "in)",
+    )
     add_arguments(parser)
     return parser
 
@@ -189,7 +192,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[LaunchSettings, list[s
         )
 
     _check("--kd-temperature", OPTION_CHECKS["temperature"], args.kd_temperature)
-    for flag, value in (("--task-loss-weight", args.task_loss_weight), ("--distill-loss-weight", args.distill_loss_weight)):
+    weights = {"--task-loss-weight": args.task_loss_weight, "--distill-loss-weight": args.distill_loss_weight}
+    for flag, value in weights.items():
         if value is not None:
             _check(flag, check_non_negative, value)
     if args.distill_loss_weight is None and args.task_loss_weight is not None and args.task_loss_weight > 1:
