@@ -119,10 +119,10 @@ def _env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])}
 
 
-def _launch(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _launch(*argv: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aekt_plugin.timm.launcher", *argv],
-        env=_env(), capture_output=True, text=True, timeout=timeout,
+        env={**_env(), **env}, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -464,8 +464,10 @@ def test_torchrun_with_two_cpu_processes_trains_through_the_tasks_ddp(
 def test_torchcompile_inductor_trains_and_saves_plain_keys(root, data, teacher, tmp_path) -> None:
     out = tmp_path / "run"
     extra = ["--kd-loss-type", "dkd", "--kd-beta", "2", "--kd-warmup-epochs", "0", "--torchcompile", "inductor"]
-    done = _launch(*_argv(root, data, out, *extra, teacher=teacher), timeout=900)
+    cache = tmp_path / "inductor"
+    done = _launch(*_argv(root, data, out, *extra, teacher=teacher), timeout=900, TORCHINDUCTOR_CACHE_DIR=str(cache))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert any(path.suffix == ".py" for path in cache.rglob("*"))  # inductor generated the compiled kernels
     saved = _load(out / "last.pth.tar")
     model = timm.create_model(MODEL, num_classes=CLASSES)
     model.load_state_dict(saved["state_dict"])  # no _orig_mod. prefix: train.py unwrapped the compiled module
