@@ -25,7 +25,7 @@ import aekt_plugin
 from aekt_plugin import configs
 
 REPO = Path(__file__).resolve().parents[1]
-CONSOLE_SCRIPTS = ("aekt", "aekt-mdistiller")
+CONSOLE_SCRIPTS = ("aekt", "aekt-mdistiller", "aekt-timm")
 pytestmark = pytest.mark.slow
 
 

@@ -32,7 +32,8 @@ def _release(version: str) -> tuple[int, ...]:
 if _release(timm.__version__) < (1, 0, 29):  # pragma: no cover - depends on the install
     raise ImportError(f"aekt_plugin.timm needs timm >= 1.0.29 (pip install -U timm); found timm {timm.__version__}")
 
+from .checkpoint import export_checkpoint  # noqa: E402
 from .student import AEKTStudent, create_student  # noqa: E402
 from .task import AEKTDistillationTask, DKDDistillationTask  # noqa: E402
 
-__all__ = ["AEKTDistillationTask", "AEKTStudent", "DKDDistillationTask", "create_student"]
+__all__ = ["AEKTDistillationTask", "AEKTStudent", "DKDDistillationTask", "create_student", "export_checkpoint"]

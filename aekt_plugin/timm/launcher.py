@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     launcher's flags added, then run the checkout's ``train.py`` with the package's distillation task.
 
     ``aekt-timm export CHECKPOINT OUT`` writes the plain timm model of a run's checkpoint instead
-    (:func:`aekt_plugin.timm.checkpoint.export_checkpoint`).
+    (:func:`aekt_plugin.timm.export_checkpoint`).
 
     Returns:
         the exit status: 0 on success, 2 on a usage or set-up problem (one line on stderr).
