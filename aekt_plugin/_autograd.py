@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from ._blocked import Saved, row_statistics_backward, row_statistics_forward, samples, uses_row_statistics
 from ._kernel import WeightRule, compute_dtype, decoupled_forward
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 class KernelOptions(NamedTuple):
-    """The non-tensor arguments of :class:`DecoupledKDFunction`."""
+    """The non-tensor arguments of the kernel's autograd functions."""
 
     weight_rule: WeightRule
     reduction: str
@@ -43,13 +44,7 @@ def _forward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The reduced loss and the two derivatives that backward multiplies by the incoming gradient."""
     dtype = compute_dtype(student_logits, teacher_logits)
-    local_mean = options.reduction == "mean" and options.batch_scope is None  # a global one is (B1)'s
-    if keep is None:
-        sample_weight: float | Tensor = 1.0 / max(student_logits.shape[-2], 1) if local_mean else 1.0
-    else:
-        sample_weight = keep.to(dtype)
-        if local_mean:
-            sample_weight = sample_weight / keep.sum(dim=-1, keepdim=True).clamp_min(1)
+    sample_weight = _sample_weight(student_logits.shape[-2], keep, options, dtype)
     # Eager, the kernel runs in inference mode, which spares each of its small operations autograd's
     # dispatch (the cost that dominates small batches); a compiled graph has no such cost and cannot trace
     # inference mode. Autograd saves only normal tensors, so the gradient's buffer is made out here and the
@@ -86,6 +81,20 @@ def _forward(
     return (loss.sum() if loss.dim() == 1 else loss.sum(dim=-1)), grad, temperature_grad
 
 
+def _sample_weight(
+    count: int, keep: Tensor | None, options: KernelOptions, dtype: torch.dtype
+) -> float | Tensor:
+    """The weight of each of ``count`` samples in the reduction: ``1/B`` for a local ``"mean"`` (over the
+    kept samples, (I1)), 1 otherwise; the mask itself where samples are ignored."""
+    local_mean = options.reduction == "mean" and options.batch_scope is None  # a global one is (B1)'s
+    if keep is None:
+        return 1.0 / max(count, 1) if local_mean else 1.0
+    sample_weight = keep.to(dtype)
+    if local_mean:
+        sample_weight = sample_weight / keep.sum(dim=-1, keepdim=True).clamp_min(1)
+    return sample_weight
+
+
 def is_eager() -> bool:
     """Neither under ``torch.compile`` nor inside a :mod:`torch.func` transform."""
     return _functorch_level() is None and not torch.compiler.is_compiling()
@@ -101,13 +110,110 @@ def decoupled_kd(
     *,
     eager: bool,
 ) -> Tensor:
-    """The loss through the autograd function that fits the context (``eager``: :func:`is_eager`): the
-    lighter :class:`_EagerDecoupledKD` eagerly, :class:`DecoupledKDFunction` under :mod:`torch.func` and
-    ``torch.compile`` (PyTorch binds the arguments of a ``setup_context`` function with :mod:`inspect` on
-    every call, a cost as large as a tenth of the kernel at small batch sizes)."""
+    """The loss through the formulation and autograd function that fit the context (``eager``:
+    :func:`is_eager`). The logits are ``(B, C)`` or dense ``(N, C, S)``; ``target``, ``keep`` and a
+    per-sample temperature hold one value per sample, flattened.
+
+    * eagerly, :class:`_EagerDecoupledKD` (the single-block kernel, its gradient formed in the forward pass
+      and saved) up to :data:`~aekt_plugin._blocked.SINGLE_BLOCK_LIMIT` logits, and
+      :class:`_RowStatisticsKD` in blocks for larger and dense inputs;
+    * under ``torch.compile``, :class:`_RowStatisticsKD` in one fusable piece;
+    * under :mod:`torch.func`, :class:`DecoupledKDFunction`, whose ``vmap`` rule treats the rows of a
+      vmapped instance as one batch (PyTorch binds the arguments of a ``setup_context`` function with
+      :mod:`inspect` on every call, a cost as large as a tenth of the kernel at small batch sizes, so the
+      eager kernel has a classic-form twin).
+    """
+    arguments = (student_logits, teacher_logits, target, temperature, keep, options)
     if eager:
-        return _EagerDecoupledKD.apply(student_logits, teacher_logits, target, temperature, keep, options)
+        if uses_row_statistics(student_logits):
+            return _RowStatisticsKD.apply(*arguments, True)
+        return _EagerDecoupledKD.apply(*arguments)
+    if _functorch_level() is None:
+        return _RowStatisticsKD.apply(*arguments, False)
+    if student_logits.dim() > 2:  # the rows of a dense input, for the single-block kernel
+        student_logits, teacher_logits = (
+            x.movedim(1, -1).reshape(-1, x.shape[1]) for x in (student_logits, teacher_logits)
+        )
     return DecoupledKDFunction.apply(student_logits, teacher_logits, target, temperature, keep, options)[0]
+
+
+class _RowStatisticsKD(torch.autograd.Function):
+    """The row-statistics formulation (:mod:`~aekt_plugin._blocked`): forward keeps per-sample statistics
+    and the logits, backward forms the gradient from them; block by block eagerly (``eager``), in one piece
+    under ``torch.compile``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        temperature: float | Tensor,
+        keep: Tensor | None,
+        options: KernelOptions,
+        eager: bool,
+    ) -> Tensor:
+        dtype = compute_dtype(student_logits, teacher_logits)
+        sample_weight = _sample_weight(samples(student_logits), keep, options, dtype)
+        with _kernel_mode(student_logits, eager=False):  # autocast off; a forward runs without grad
+            loss, saved = row_statistics_forward(
+                student_logits,
+                teacher_logits,
+                target,
+                temperature,
+                keep,
+                options,
+                sample_weight=sample_weight,
+                eager=eager,
+            )
+        if saved is not None:
+            ctx.save_for_backward(
+                student_logits,
+                teacher_logits,
+                target,
+                temperature if isinstance(temperature, Tensor) else None,
+                *(x if isinstance(x, Tensor) else None for x in saved),
+            )
+            # The numbers among them (a temperature, a q̂ weight that is one number) stay on ctx.
+            ctx.numbers = tuple(None if isinstance(x, Tensor) else x for x in (temperature, *saved))  # type: ignore[attr-defined]
+            ctx.options, ctx.eager = options, eager  # type: ignore[attr-defined]
+        return loss
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
+    ) -> tuple[Tensor | None, None, None, Tensor | None, None, None, None]:
+        if torch.is_grad_enabled() and _functorch_level() is None:
+            _refuse_double_backward()
+        return _row_statistics_backward(ctx, grad_loss)
+
+
+@torch.autograd.function.once_differentiable
+def _row_statistics_backward(
+    ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
+) -> tuple[Tensor | None, None, None, Tensor | None, None, None, None]:
+    student_logits, teacher_logits, target, *tensors = ctx.saved_tensors  # type: ignore[attr-defined]
+    options: KernelOptions = ctx.options  # type: ignore[attr-defined]
+    temperature, *rest = (x if x is not None else n for x, n in zip(tensors, ctx.numbers, strict=True))  # type: ignore[attr-defined]
+    saved = Saved(*rest)
+    student_grad = temperature_total = None
+    if options.needs_grad:
+        with _kernel_mode(student_logits, eager=False):
+            student_grad = row_statistics_backward(
+                student_logits,
+                teacher_logits,
+                target,
+                temperature,
+                saved,
+                grad_loss,
+                standardize=options.standardize,
+                reduction=options.reduction,
+                eager=ctx.eager,  # type: ignore[attr-defined]
+            )
+    if saved.temperature_grad is not None:
+        by_sample = saved.temperature_grad * grad_loss.to(saved.temperature_grad.dtype)
+        temperature_total = by_sample.sum_to_size(temperature.shape)
+    return student_grad, None, None, temperature_total, None, None, None
 
 
 class DecoupledKDFunction(torch.autograd.Function):

@@ -297,7 +297,9 @@ def sample_terms(
     if keep is not None:
         loss = torch.where(keep, loss, 0.0)
     if not needs_grad:
-        return SampleTerms(loss, None, None, None, tckd, nckd, weights, a, b, log_binary, log_ratio, sample_weight)
+        return SampleTerms(
+            loss, None, None, None, tckd, nckd, weights, a, b, log_binary, log_ratio, sample_weight
+        )
 
     p_t_minus_q_t = (binary_s - binary_t)[..., :1]
     if propagate_non_finite:
@@ -333,7 +335,18 @@ def sample_terms(
             q_hat_weight = scale_(b.unsqueeze(-1), scale)
             p_hat_weight = q_hat_weight - target_gap
     return SampleTerms(
-        loss, target_gap, p_hat_weight, q_hat_weight, tckd, nckd, weights, a, b, log_binary, log_ratio, sample_weight
+        loss,
+        target_gap,
+        p_hat_weight,
+        q_hat_weight,
+        tckd,
+        nckd,
+        weights,
+        a,
+        b,
+        log_binary,
+        log_ratio,
+        sample_weight,
     )
 
 

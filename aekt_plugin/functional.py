@@ -173,6 +173,7 @@ def decoupled_loss(
         validate_args=validate_args,
         ignore_index=checked["ignore_index"],
         target_required=target_required,
+        dense=True,
     )
     scope = _distributed.batch_scope(checked["global_batch"], checked["process_group"])
     if scope is not None and _autograd._functorch_level() is not None:
@@ -206,7 +207,7 @@ def decoupled_loss(
         # pay. Eager on CPU, an ignore value outside [0, C) makes the kernel's first gather fail before
         # anything is written: the kernel runs unmasked and masks only after that failure. Elsewhere (CUDA,
         # torch.compile and torch.func, an ignore value that is also a class index) it always masks.
-        num_classes = rows.student.shape[-1]
+        num_classes = rows.student.shape[1]
         if eager and classes.is_cpu and not 0 <= rows.ignore_index < num_classes:
             try:
                 loss = decoupled_kd(
