@@ -27,7 +27,6 @@ Shapes: the logits are ``(B, C)`` or ``(N, C, S)``; per-sample tensors are kept 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -57,7 +56,7 @@ temporaries fit the caches and its fewer operations cost less per call); larger 
 formulation."""
 
 _STATISTICS = 7
-"""Per-sample statistics of every call: ``u_t, w_t, m_u, m_w, log s_u, log s_w`` and NCKD."""
+"""Per-sample statistics of every call (:func:`_statistics`); (T1) adds four."""
 
 
 def uses_row_statistics(student_logits: Tensor) -> bool:
@@ -137,13 +136,14 @@ def _statistics(
     standardize: bool,
     temperature_sums: bool,
     eager: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
-    r"""The per-sample statistics of one block, stacked ``(K, *column layout)``: ``u_t, w_t, m_u, m_w,
-    log s_u, log s_w`` (N1) and NCKD (N3), and with ``temperature_sums`` the row sums of (T1),
-    ``E_p̂[ũ], E_q̂[ũ], E_q̂[w̃], E_q̂[(w̃ - ũ) w̃]`` (``ũ = u - m_u``, ``w̃ = w - m_w``, target excluded).
-
-    NCKD is ``E_q̂[w̃ - ũ] + log s_u - log s_w``: the (N3) gap of the shifted rows, whose target entries,
-    both the lowest number, cancel and meet ``q̂_t = 0``.
+    r"""The per-sample statistics of one block, side by side along dim 1 (``out``, if given, receives
+    them): ``u_t, w_t, m_u, m_w, 1/s_u, 1/s_w`` (N1) and ``E_q̂[w̃ - ũ]``, the mean gap of (N3), with
+    ``ũ = u - m_u`` and ``w̃ = w - m_w``; and with ``temperature_sums`` the row sums of (T1),
+    ``E_p̂[ũ], E_q̂[ũ], E_q̂[w̃], E_q̂[(w̃ - ũ) w̃]``. The target entries of the shifted rows, both the lowest
+    number, cancel in the gap and meet ``p̂_t = q̂_t = 0``. Logarithms and NCKD are formed afterwards for
+    all samples at once (:func:`row_statistics_forward`), since each operation here costs once per block.
     """
     u = _softened(student, temperature, dtype=dtype, standardize=standardize)[0]
     w = _softened(teacher, temperature, dtype=dtype, standardize=standardize)[0]
@@ -152,11 +152,9 @@ def _statistics(
     m_u, m_w = u.amax(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
     u, w = u.sub_(m_u), w.sub_(m_w)
     gap = w - u
-    expect_p: Callable[[Tensor], Tensor]
-    if eager:  # ATen's softmax: its max is 0 here, so at its maximum p̂ = 1/s
+    if eager:  # ATen's softmax; its maximum is 0 here, so at its maximum p̂ = 1/s
         p_hat, q_hat = torch.softmax(u, dim=1), torch.softmax(w, dim=1)
-        log_s_u = p_hat.amax(dim=1, keepdim=True).log_().neg_()
-        log_s_w = q_hat.amax(dim=1, keepdim=True).log_().neg_()
+        inverse_s_u, inverse_s_w = p_hat.amax(dim=1, keepdim=True), q_hat.amax(dim=1, keepdim=True)
 
         def expect_q(x: Tensor) -> Tensor:
             return torch.linalg.vecdot(q_hat, x, dim=1).unsqueeze(1)
@@ -164,22 +162,21 @@ def _statistics(
         def expect_p(x: Tensor) -> Tensor:
             return torch.linalg.vecdot(p_hat, x, dim=1).unsqueeze(1)
 
-    else:  # one fused reduction per row and sum: Σ e^w̃ x, then a division by s_w
+    else:  # exp and sums, which inductor fuses into one reduction per row: Σ e^w̃ x, then times 1/s_w
         exp_u, exp_w = u.exp(), w.exp()
-        s_u, s_w = exp_u.sum(dim=1, keepdim=True), exp_w.sum(dim=1, keepdim=True)
-        log_s_u, log_s_w = s_u.log(), s_w.log()
+        inverse_s_u = exp_u.sum(dim=1, keepdim=True).reciprocal()
+        inverse_s_w = exp_w.sum(dim=1, keepdim=True).reciprocal()
 
         def expect_q(x: Tensor) -> Tensor:
-            return (exp_w * x).sum(dim=1, keepdim=True) / s_w
+            return (exp_w * x).sum(dim=1, keepdim=True) * inverse_s_w
 
         def expect_p(x: Tensor) -> Tensor:
-            return (exp_u * x).sum(dim=1, keepdim=True) / s_u
+            return (exp_u * x).sum(dim=1, keepdim=True) * inverse_s_u
 
-    nckd = expect_q(gap) + (log_s_u - log_s_w)  # (N3)
-    statistics = [u_t, w_t, m_u, m_w, log_s_u, log_s_w, nckd]
+    statistics = [u_t, w_t, m_u, m_w, inverse_s_u, inverse_s_w, expect_q(gap)]
     if temperature_sums:
         statistics += [expect_p(u), expect_q(u), expect_q(w), expect_q(gap * w)]
-    return torch.stack(statistics)
+    return torch.cat(statistics, dim=1, out=out) if out is not None else torch.cat(statistics, dim=1)
 
 
 class Saved(NamedTuple):
@@ -226,25 +223,28 @@ def row_statistics_forward(
         "temperature_sums": options.needs_temperature_grad,
         "eager": eager,
     }
-    blocks = _blocks(student_logits.shape, student_logits.device) if eager else [(slice(None),)]
-    if len(blocks) == 1:
-        stats = _statistics(student_logits, teacher_logits, columns, column_temperature, **settings)
+    count = _STATISTICS + 4 * options.needs_temperature_grad
+    if eager and student_logits.numel() > 0:
+        stats = torch.empty(_with_dim_1(layout, count), dtype=dtype, device=student_logits.device)
+        with torch.inference_mode():  # which spares each of a block's small operations autograd's dispatch
+            for index in _blocks(student_logits.shape, student_logits.device):
+                _statistics(
+                    student_logits[index],
+                    teacher_logits[index],
+                    columns[index],
+                    _per_sample(column_temperature, index),
+                    **settings,
+                    out=stats[index],
+                )
     else:
-        count = _STATISTICS + 4 * options.needs_temperature_grad
-        stats = torch.empty((count, *layout), dtype=dtype, device=student_logits.device)
-        for index in blocks:
-            stats[(slice(None), *index)] = _statistics(
-                student_logits[index],
-                teacher_logits[index],
-                columns[index],
-                _per_sample(column_temperature, index),
-                **settings,
-            )
-    stats = stats.view(stats.shape[0], -1)  # (K, samples)
-    target_margin = (stats[0:2] - stats[2:4] - stats[4:6]).unsqueeze(-1)  # (N1): d = x_t/T - LSE_{k≠t}
+        stats = _statistics(student_logits, teacher_logits, columns, column_temperature, **settings)
+    stats = stats.movedim(1, 0).reshape(count, -1)  # (K, samples)
+    log_s = stats[4:6].log().neg_()
+    nckd = stats[6] + (log_s[0] - log_s[1])  # (N3): E_q̂[w̃ - ũ] + log s_u - log s_w
+    target_margin = (stats[0:2] - stats[2:4] - log_s).unsqueeze(-1)  # (N1): d = x_t/T - LSE_{k≠t}
     terms = sample_terms(
         target_margin,
-        stats[6],
+        nckd,
         temperature,
         options.weight_rule,
         sample_weight=sample_weight,
@@ -260,7 +260,7 @@ def row_statistics_forward(
     temperature_grad = None
     if options.needs_temperature_grad:
         p_hat_u, q_hat_u, q_hat_w, q_hat_gap_w = stats[_STATISTICS:]
-        shift = stats[4] - stats[5]  # log q̂ - log p̂ = (w̃ - ũ) + log s_u - log s_w
+        shift = log_s[0] - log_s[1]  # log q̂ - log p̂ = (w̃ - ũ) + log s_u - log s_w
         grad_dot_u = (  # Σ_j G_j u_j = Σ_j G_j ũ_j, since G sums to zero (G3)
             terms.p_hat_weight.squeeze(-1) * p_hat_u
             - _squeezed(terms.q_hat_weight) * q_hat_u
@@ -280,11 +280,15 @@ def row_statistics_forward(
         terms.p_hat_weight.reshape(layout),
         _in_columns(terms.q_hat_weight, layout),
         terms.target_gap.reshape(layout),
-        (stats[2:4] + stats[4:6]).view(2, *layout),
+        (stats[2:4] + log_s).view(2, *layout),
         None if keep is None else keep.view(layout),
         temperature_grad,
     )
     return loss, saved
+
+
+def _with_dim_1(layout: tuple[int, ...], size: int) -> tuple[int, ...]:
+    return (layout[0], size, *layout[2:])
 
 
 def _in_columns(value: Tensor | float, layout: tuple[int, ...]) -> Tensor | float:
@@ -343,9 +347,39 @@ def row_statistics_backward(
             standardize=standardize,
         )
         return grad.to(student_logits.dtype)
-    result = torch.empty_like(student_logits)
+    result = torch.empty_like(student_logits)  # made outside inference mode: it becomes .grad
+    with torch.inference_mode():
+        _gradient_blocks(
+            student_logits,
+            teacher_logits,
+            columns,
+            temperature,
+            saved.keep,
+            (p_weight, q_weight, target_gap),
+            result,
+            dtype=dtype,
+            standardize=standardize,
+        )
+    return result
+
+
+def _gradient_blocks(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    columns: Tensor,
+    temperature: Tensor | float,
+    keep: Tensor | None,
+    weights: tuple[Tensor, Tensor, Tensor],
+    result: Tensor,
+    *,
+    dtype: torch.dtype,
+    standardize: bool,
+) -> None:
+    """:func:`row_statistics_backward` eagerly: ``p̂`` and ``q̂`` of each block by ATen's softmax, and
+    (G1)–(G2) written into ``result`` block by block."""
+    p_weight, q_weight, target_gap = weights
     # Without standardize and ignored samples, (G1)–(G2) is the result: each block is written in place.
-    direct = not standardize and saved.keep is None
+    direct = not standardize and keep is None
     target_entry = target_gap.to(result.dtype) if direct else target_gap
     for index in _blocks(student_logits.shape, student_logits.device):
         block_temperature = _per_sample(temperature, index)
@@ -371,10 +405,9 @@ def row_statistics_backward(
             continue
         if standardize:
             grad = logit_standardization_backward(grad, standardized, spread, grad.shape[1], 1)
-        if saved.keep is not None:
-            grad = grad.masked_fill_(~saved.keep[index], 0.0)
+        if keep is not None:
+            grad = grad.masked_fill_(~keep[index], 0.0)
         result[index] = grad
-    return result
 
 
 def _compiled_gradient(
