@@ -314,7 +314,9 @@ class _EagerDecoupledKD(torch.autograd.Function):
     ) -> tuple[Tensor | None, None, None, Tensor | None, None, None]:
         if torch.is_grad_enabled():
             _refuse_double_backward()
-        return _multiply(ctx, grad_loss)
+        # Unless the graph is kept (retain_graph=True), autograd frees the saved gradient right after this
+        # call: its buffer becomes the result, and .grad then takes it over without a copy.
+        return _multiply(ctx, grad_loss, reuse=not _keeps_graph())
 
 
 def _save(
@@ -340,16 +342,18 @@ def _refuse_double_backward() -> None:
 
 
 def _multiply(
-    ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor | None
+    ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor | None, *, reuse: bool = False
 ) -> tuple[Tensor | None, None, None, Tensor | None, None, None]:
-    """Multiply the saved derivatives by the incoming gradient (per sample for ``"none"``)."""
+    """Multiply the saved derivatives by the incoming gradient (per sample for ``"none"``); with ``reuse``,
+    in the saved gradient's own buffer (the same products), which the graph then no longer needs."""
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
     grad, temperature_grad = saved if len(saved) == 2 else (saved[0], None)
     if grad_loss is None:
         return None, None, None, None, None, None
+    multiply = Tensor.mul_ if reuse else Tensor.mul
     if temperature_grad is None and grad is not None and grad_loss.dim() == 0:  # the common case
         return (
-            grad * (grad_loss if grad_loss.dtype == grad.dtype else grad_loss.to(grad.dtype)),
+            multiply(grad, grad_loss if grad_loss.dtype == grad.dtype else grad_loss.to(grad.dtype)),
             None,
             None,
             None,
@@ -361,7 +365,7 @@ def _multiply(
     student_grad = None
     if grad is not None:
         factor = per_row if per_row.dim() == 0 else per_row.unsqueeze(-1)
-        student_grad = grad * (factor if factor.dtype == grad.dtype else factor.to(grad.dtype))
+        student_grad = multiply(grad, factor if factor.dtype == grad.dtype else factor.to(grad.dtype))
     temperature_total = None
     if temperature_grad is not None:
         by_row = temperature_grad * per_row.to(temperature_grad.dtype)
@@ -370,6 +374,10 @@ def _multiply(
 
 
 _backward = torch.autograd.function.once_differentiable(_multiply)
+
+
+_keeps_graph = torch._C._autograd._get_current_graph_task_keep_graph
+"""Whether the backward pass under way keeps the graph (``retain_graph=True``, ``create_graph=True``)."""
 
 
 def _functorch_level() -> int | None:
