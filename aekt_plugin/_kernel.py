@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch._C import _len_torch_dispatch_stack  # a dispatch mode is active (FakeTensorMode, make_fx, ...)
 
 if TYPE_CHECKING:
     from ._distributed import BatchScope
@@ -445,7 +445,7 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
     Under ``torch.compile`` and any tracing the constant is made fresh, not cached: a compiled graph has no
     per-call cost to save, and a cache filled while tracing would leak the graph's tensors out of it.
     """
-    if torch.compiler.is_compiling() or type(like) is not Tensor or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or type(like) is not Tensor or _len_torch_dispatch_stack():
         # A fake, functional or traced tensor (torch.compile, FakeTensorMode, make_fx, torch.export) gets a
         # constant of its own kind, never one from the cache, and none of its kind enters the cache: each
         # would poison the other world's later calls.
