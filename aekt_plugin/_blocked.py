@@ -1,13 +1,15 @@
-r"""The row-statistics formulation of the kernel: large and dense inputs, and ``torch.compile``.
+r"""The row-statistics formulation of the kernel: large and dense inputs, and ``torch.compile``
+(``docs/derivations.md``, section 12, eqs. (R1)–(R3)).
 
 The single-block kernel (:mod:`~aekt_plugin._kernel`) forms the whole gradient in the forward pass and
 saves it; its ``B×C`` temporaries and the saved gradient are what its memory is made of and, once the
 inputs outgrow the caches, its time. This formulation passes over the logits once in each direction:
 
 * forward computes, per sample, the statistics (D1) needs — the target entries ``u_t = z_t/T``,
-  ``w_t = v_t/T``, and for both the non-target maximum ``m`` and ``log s`` of (N1) and NCKD by (N3) — and
-  from them, with :func:`~aekt_plugin._kernel.sample_terms`, the loss and the gradient's per-sample
-  coefficients; it keeps those ``O(B)`` numbers and the logits themselves (alive anyway) for backward;
+  ``w_t = v_t/T``, and for both the non-target maximum ``m`` and ``log s`` of (N1), by (R1), and NCKD by
+  (R2) — and from them, with :func:`~aekt_plugin._kernel.sample_terms`, the loss and the gradient's
+  per-sample coefficients; it keeps those ``O(B)`` numbers and the logits themselves (alive anyway) for
+  backward; a temperature that requires grad adds the row sums of (R3);
 * backward recomputes ``p̂`` and ``q̂`` and writes (G1)–(G2), times the incoming gradient, straight into the
   result: ``G_j = c_p p̂_j - c_q q̂_j`` off the target and ``G_t = T a (p_t - q_t)`` at it.
 
@@ -139,8 +141,8 @@ def _statistics(
     out: Tensor | None = None,
 ) -> Tensor:
     r"""The per-sample statistics of one block, side by side along dim 1 (``out``, if given, receives
-    them): ``u_t, w_t, m_u, m_w, 1/s_u, 1/s_w`` (N1) and ``E_q̂[w̃ - ũ]``, the mean gap of (N3), with
-    ``ũ = u - m_u`` and ``w̃ = w - m_w``; and with ``temperature_sums`` the row sums of (T1),
+    them): ``u_t, w_t, m_u, m_w, 1/s_u, 1/s_w`` (N1), (R1) and ``E_q̂[w̃ - ũ]``, the mean gap of (R2), with
+    ``ũ = u - m_u`` and ``w̃ = w - m_w``; and with ``temperature_sums`` the row sums of (R3),
     ``E_p̂[ũ], E_q̂[ũ], E_q̂[w̃], E_q̂[(w̃ - ũ) w̃]``. The target entries of the shifted rows, both the lowest
     number, cancel in the gap and meet ``p̂_t = q̂_t = 0``. Logarithms and NCKD are formed afterwards for
     all samples at once (:func:`row_statistics_forward`), since each operation here costs once per block.
@@ -152,7 +154,7 @@ def _statistics(
     m_u, m_w = u.amax(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
     u, w = u.sub_(m_u), w.sub_(m_w)
     gap = w - u
-    if eager:  # ATen's softmax; its maximum is 0 here, so at its maximum p̂ = 1/s
+    if eager:  # ATen's softmax; the maximum of ũ is 0, so at its maximum p̂ = 1/s (R1)
         p_hat, q_hat = torch.softmax(u, dim=1), torch.softmax(w, dim=1)
         inverse_s_u, inverse_s_w = p_hat.amax(dim=1, keepdim=True), q_hat.amax(dim=1, keepdim=True)
 
@@ -240,7 +242,7 @@ def row_statistics_forward(
         stats = _statistics(student_logits, teacher_logits, columns, column_temperature, **settings)
     stats = stats.movedim(1, 0).reshape(count, -1)  # (K, samples)
     log_s = stats[4:6].log().neg_()
-    nckd = stats[6] + (log_s[0] - log_s[1])  # (N3): E_q̂[w̃ - ũ] + log s_u - log s_w
+    nckd = stats[6] + (log_s[0] - log_s[1])  # (R2): E_q̂[w̃ - ũ] + log s_u - log s_w
     target_margin = (stats[0:2] - stats[2:4] - log_s).unsqueeze(-1)  # (N1): d = x_t/T - LSE_{k≠t}
     terms = sample_terms(
         target_margin,
@@ -261,7 +263,7 @@ def row_statistics_forward(
     if options.needs_temperature_grad:
         p_hat_u, q_hat_u, q_hat_w, q_hat_gap_w = stats[_STATISTICS:]
         shift = log_s[0] - log_s[1]  # log q̂ - log p̂ = (w̃ - ũ) + log s_u - log s_w
-        grad_dot_u = (  # Σ_j G_j u_j = Σ_j G_j ũ_j, since G sums to zero (G3)
+        grad_dot_u = (  # (R3): Σ_j G_j u_j = Σ_j G_j ũ_j, since G sums to zero (G3)
             terms.p_hat_weight.squeeze(-1) * p_hat_u
             - _squeezed(terms.q_hat_weight) * q_hat_u
             + terms.target_gap.squeeze(-1) * (stats[0] - stats[2])

@@ -38,6 +38,11 @@ gradient. Three options leave that path untouched when unused:
 
 Rows may carry leading instance dimensions, ``(..., B, C)``: the samples of one instance are the
 ``B`` rows that the reductions and AEKT's batch normalisation run over (``torch.func.vmap`` uses this).
+
+This is the single-block formulation, which the eager loss runs on ``(B, C)`` inputs of up to
+:data:`~aekt_plugin._blocked.SINGLE_BLOCK_LIMIT` logits and :mod:`torch.func` on any. Large and dense
+inputs and ``torch.compile`` run the row-statistics formulation of :mod:`~aekt_plugin._blocked`, which
+shares the per-sample stage, :func:`sample_terms` and :func:`temperature_derivative`, with this one.
 """
 
 from __future__ import annotations
