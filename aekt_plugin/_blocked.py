@@ -141,11 +141,10 @@ def _statistics(
     out: Tensor | None = None,
 ) -> Tensor:
     r"""The per-sample statistics of one block, side by side along dim 1 (``out``, if given, receives
-    them): ``u_t, w_t, m_u, m_w, 1/s_u, 1/s_w`` (N1), (R1) and ``E_q̂[w̃ - ũ]``, the mean gap of (R2), with
-    ``ũ = u - m_u`` and ``w̃ = w - m_w``; and with ``temperature_sums`` the row sums of (R3),
-    ``E_p̂[ũ], E_q̂[ũ], E_q̂[w̃], E_q̂[(w̃ - ũ) w̃]``. The target entries of the shifted rows, both the lowest
-    number, cancel in the gap and meet ``p̂_t = q̂_t = 0``. Logarithms and NCKD are formed afterwards for
-    all samples at once (:func:`row_statistics_forward`), since each operation here costs once per block.
+    them): ``u_t, w_t, m_u, m_w, log s_u, log s_w`` (N1), (R1) and NCKD (R2); with ``temperature_sums``
+    also the row sums of (R3), ``E_p̂[ũ], E_q̂[ũ], E_q̂[w̃], E_q̂[(log q̂ - log p̂) w̃]`` (``ũ = u - m_u``,
+    ``w̃ = w - m_w``). The target entries of the shifted rows, both the lowest number, cancel in the gap and
+    meet ``p̂_t = q̂_t = 0``.
     """
     u = _softened(student, temperature, dtype=dtype, standardize=standardize)[0]
     w = _softened(teacher, temperature, dtype=dtype, standardize=standardize)[0]
@@ -153,32 +152,42 @@ def _statistics(
     u, w = _without_target(u, target, eager=eager), _without_target(w, target, eager=eager)
     m_u, m_w = u.amax(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
     u, w = u.sub_(m_u), w.sub_(m_w)
-    gap = w - u
     if eager:  # ATen's softmax; the maximum of ũ is 0, so at its maximum p̂ = 1/s (R1)
         p_hat, q_hat = torch.softmax(u, dim=1), torch.softmax(w, dim=1)
-        inverse_s_u, inverse_s_w = p_hat.amax(dim=1, keepdim=True), q_hat.amax(dim=1, keepdim=True)
-
-        def expect_q(x: Tensor) -> Tensor:
-            return torch.linalg.vecdot(q_hat, x, dim=1).unsqueeze(1)
-
-        def expect_p(x: Tensor) -> Tensor:
-            return torch.linalg.vecdot(p_hat, x, dim=1).unsqueeze(1)
-
-    else:  # exp and sums, which inductor fuses into one reduction per row: Σ e^w̃ x, then times 1/s_w
+        log_s_u = p_hat.amax(dim=1, keepdim=True).log_().neg_()
+        log_s_w = q_hat.amax(dim=1, keepdim=True).log_().neg_()
+        # log q̂ - log p̂ of (N3) with its constant inside: NCKD is then a sum of small terms when p̂ is near
+        # q̂, not the difference of two large ones.
+        gap = (w - u).add_(log_s_u - log_s_w)
+        statistics = [u_t, w_t, m_u, m_w, log_s_u, log_s_w, _mean(q_hat, gap)]
+        if temperature_sums:
+            statistics += [_mean(p_hat, u), _mean(q_hat, u), _mean(q_hat, w), _mean(q_hat, gap * w)]
+    else:
+        # exp and sums, which inductor fuses into one reduction loop per row after the maxima's: the
+        # constant of (N3) is known only after it, so the sums accumulate in float64, where (R2)'s
+        # E_q̂[w̃ - ũ] + log s_u - log s_w loses nothing to their cancellation.
         exp_u, exp_w = u.exp(), w.exp()
-        inverse_s_u = exp_u.sum(dim=1, keepdim=True).reciprocal()
-        inverse_s_w = exp_w.sum(dim=1, keepdim=True).reciprocal()
-
-        def expect_q(x: Tensor) -> Tensor:
-            return (exp_w * x).sum(dim=1, keepdim=True) * inverse_s_w
-
-        def expect_p(x: Tensor) -> Tensor:
-            return (exp_u * x).sum(dim=1, keepdim=True) * inverse_s_u
-
-    statistics = [u_t, w_t, m_u, m_w, inverse_s_u, inverse_s_w, expect_q(gap)]
-    if temperature_sums:
-        statistics += [expect_p(u), expect_q(u), expect_q(w), expect_q(gap * w)]
+        s_u, s_w = _sum64(exp_u), _sum64(exp_w)
+        log_s_u, log_s_w = s_u.log(), s_w.log()
+        shift = log_s_u - log_s_w
+        q_gap = _sum64(exp_w * (w - u)) / s_w
+        statistics = [u_t, w_t, m_u, m_w, log_s_u, log_s_w, q_gap + shift]
+        if temperature_sums:
+            q_w = _sum64(exp_w * w) / s_w
+            statistics += [_sum64(exp_u * u) / s_u, _sum64(exp_w * u) / s_w, q_w]
+            statistics.append(_sum64(exp_w * (w - u) * w) / s_w + shift * q_w)
+        statistics = [x.to(dtype) for x in statistics]
     return torch.cat(statistics, dim=1, out=out) if out is not None else torch.cat(statistics, dim=1)
+
+
+def _mean(probabilities: Tensor, x: Tensor) -> Tensor:
+    """``E[x]`` over dim 1 under ``probabilities``, kept."""
+    return torch.linalg.vecdot(probabilities, x, dim=1).unsqueeze(1)
+
+
+def _sum64(x: Tensor) -> Tensor:
+    """The sum over dim 1, kept, accumulated in float64."""
+    return x.sum(dim=1, keepdim=True, dtype=torch.float64)
 
 
 class Saved(NamedTuple):
@@ -241,12 +250,10 @@ def row_statistics_forward(
     else:
         stats = _statistics(student_logits, teacher_logits, columns, column_temperature, **settings)
     stats = stats.movedim(1, 0).reshape(count, -1)  # (K, samples)
-    log_s = stats[4:6].log().neg_()
-    nckd = stats[6] + (log_s[0] - log_s[1])  # (R2): E_q̂[w̃ - ũ] + log s_u - log s_w
-    target_margin = (stats[0:2] - stats[2:4] - log_s).unsqueeze(-1)  # (N1): d = x_t/T - LSE_{k≠t}
+    target_margin = (stats[0:2] - stats[2:4] - stats[4:6]).unsqueeze(-1)  # (N1): d = x_t/T - LSE_{k≠t}
     terms = sample_terms(
         target_margin,
-        nckd,
+        stats[6],
         temperature,
         options.weight_rule,
         sample_weight=sample_weight,
@@ -262,7 +269,6 @@ def row_statistics_forward(
     temperature_grad = None
     if options.needs_temperature_grad:
         p_hat_u, q_hat_u, q_hat_w, q_hat_gap_w = stats[_STATISTICS:]
-        shift = log_s[0] - log_s[1]  # log q̂ - log p̂ = (w̃ - ũ) + log s_u - log s_w
         grad_dot_u = (  # (R3): Σ_j G_j u_j = Σ_j G_j ũ_j, since G sums to zero (G3)
             terms.p_hat_weight.squeeze(-1) * p_hat_u
             - _squeezed(terms.q_hat_weight) * q_hat_u
@@ -273,7 +279,7 @@ def row_statistics_forward(
             temperature,
             teacher_t=stats[1] - stats[3],
             expected_w=q_hat_w,
-            gap_w=q_hat_gap_w + shift * q_hat_w,
+            gap_w=q_hat_gap_w,
             grad_dot_u=grad_dot_u,
         )
         if keep is not None:
@@ -282,7 +288,7 @@ def row_statistics_forward(
         terms.p_hat_weight.reshape(layout),
         _in_columns(terms.q_hat_weight, layout),
         terms.target_gap.reshape(layout),
-        (stats[2:4] + log_s).view(2, *layout),
+        (stats[2:4] + stats[4:6]).view(2, *layout),
         None if keep is None else keep.view(layout),
         temperature_grad,
     )
