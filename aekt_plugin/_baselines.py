@@ -35,18 +35,20 @@ def kd_plain(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 
         L = \frac{T^2}{B} \sum_b \mathrm{KL}(q_b \,\|\, p_b)
           = \frac{T^2}{B} \sum_b \sum_j q_{bj} (\log q_{bj} - \log p_{bj})
 
-    computed as ``T² · kl_div(log_softmax(z/T), log_softmax(v/T), log_target=True, reduction="batchmean")``.
+    computed as ``T² · kl_div(log_softmax(z/T), log_softmax(v/T), log_target=True, reduction="batchmean")``,
+    the softmaxes over dim 1 (the classes, also of dense ``(N, C, d1, ...)`` logits, whose "batchmean"
+    divides by ``N``).
 
     Args:
-        student: student logits ``z``, shape ``(B, C)``.
-        teacher: teacher logits ``v``, shape ``(B, C)``; used as given (detach it if it carries a graph).
+        student: student logits ``z``, shape ``(B, C)`` or ``(N, C, d1, ...)``.
+        teacher: teacher logits ``v``, same shape; used as given (detach it if it carries a graph).
         temperature: ``T > 0``.
 
     Returns:
         A scalar tensor. Equals ``T²·(TCKD + (1 - q_t)·NCKD)`` averaged over the batch (derivations, eq. (7)).
     """
-    log_p = F.log_softmax(student / temperature, dim=-1)
-    log_q = F.log_softmax(teacher / temperature, dim=-1)
+    log_p = F.log_softmax(student / temperature, dim=1)
+    log_q = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * (temperature**2)
 
 

@@ -38,6 +38,11 @@ gradient. Three options leave that path untouched when unused:
 
 Rows may carry leading instance dimensions, ``(..., B, C)``: the samples of one instance are the
 ``B`` rows that the reductions and AEKT's batch normalisation run over (``torch.func.vmap`` uses this).
+
+This is the single-block formulation, which the eager loss runs on ``(B, C)`` inputs of up to
+:data:`~aekt_plugin._blocked.SINGLE_BLOCK_LIMIT` logits and :mod:`torch.func` on any. Large and dense
+inputs and ``torch.compile`` run the row-statistics formulation of :mod:`~aekt_plugin._blocked`, which
+shares the per-sample stage, :func:`sample_terms` and :func:`temperature_derivative`, with this one.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch._C import _len_torch_dispatch_stack  # a dispatch mode is active (FakeTensorMode, make_fx, ...)
 
 if TYPE_CHECKING:
     from ._distributed import BatchScope
@@ -155,7 +160,8 @@ def decoupled_forward(
     if scaled.dtype not in _COMPUTE_DTYPES:
         scaled = scaled.float()
     if standardize:
-        scaled, standardized_student, spread = _standardize(scaled, num_classes)
+        scaled, std, denominator = logit_standardization(scaled, num_classes, -1)
+        standardized_student, spread = scaled[0].clone(), (std[0], denominator[0])
     if isinstance(temperature, Tensor):
         temperature = temperature.to(scaled.dtype)
         scaled.div_(temperature.unsqueeze(-1) if temperature.dim() else temperature)
@@ -183,10 +189,101 @@ def decoupled_forward(
     log_hat_gap.add_(log_s_z - log_s_v)
     p_hat, q_hat = exps.mul_(non_target_sum.reciprocal_()).unbind(0)
     nckd = torch.linalg.vecdot(q_hat, log_hat_gap, dim=-1)  # (N3)
+    target_margin = logit_t.sub_(non_target_max).sub_(log_s)  # (N1): LSE_{k≠t} = m + log s
+    terms = sample_terms(
+        target_margin,
+        nckd,
+        temperature,
+        weight_rule,
+        sample_weight=sample_weight,
+        keep=keep,
+        batch_scope=batch_scope,
+        reduction=reduction,
+        needs_grad=needs_grad or needs_temperature_grad,
+        propagate_non_finite=propagate_non_finite,
+    )
+    if terms.target_gap is None:
+        return terms.loss, None, None
+    if needs_temperature_grad:  # (T1)'s row sums of the teacher, before the gradient takes their buffer
+        teacher = scaled_logits[1]
+        expected_w = torch.linalg.vecdot(q_hat, teacher, dim=-1)
+        gap_w = torch.linalg.vecdot(q_hat * log_hat_gap, teacher, dim=-1)
+    # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j]; p̂_t = q̂_t = 0, and (G1) then fills in the target.
+    grad = torch.mul(p_hat, terms.p_hat_weight, out=log_hat_gap)
+    if isinstance(terms.q_hat_weight, Tensor):
+        grad = grad.addcmul_(q_hat, terms.q_hat_weight, value=-1.0)
+    else:
+        grad = grad.add_(q_hat, alpha=-terms.q_hat_weight)
+    target_gap = terms.target_gap
+    temperature_grad = None
+    if needs_temperature_grad:
+        # (T1) per sample; grad holds sample_weight·G with 0 at the target, target_gap its target entry.
+        grad_dot_u = (
+            torch.linalg.vecdot(grad, scaled_logits[0], dim=-1) + target_gap.squeeze(-1) * logit_t_copy[0]
+        )
+        temperature_grad = temperature_derivative(
+            terms,
+            temperature,
+            teacher_t=logit_t_copy[1],
+            expected_w=expected_w,
+            gap_w=gap_w,
+            grad_dot_u=grad_dot_u,
+        )
+    grad.scatter_(-1, target_column, target_gap)
+    if standardize:
+        grad = logit_standardization_backward(grad, standardized_student, spread, num_classes, -1)
+    if keep is not None:
+        grad = torch.where(keep.unsqueeze(-1), grad, 0.0)
+        if temperature_grad is not None:
+            temperature_grad = torch.where(keep, temperature_grad, 0.0)
+    return terms.loss, grad if needs_grad else None, temperature_grad
+
+
+class SampleTerms(NamedTuple):
+    """The per-sample part of (D1)–(G2), formed from the target statistics by :func:`sample_terms`.
+
+    ``loss`` is ``sample_weight · L`` per sample, 0 where ignored. The gradient with respect to the
+    student's logits is, per sample, ``p_hat_weight · p̂_j - q_hat_weight · q̂_j`` off the target (G2) and
+    ``target_gap`` at it (G1), all three already times ``T · sample_weight`` (``None`` where no derivative
+    was asked for). The other fields are what the temperature derivative (T1) reads: TCKD, NCKD, the
+    weights as the rule gave them and as applied (``a``, ``b``), the log-space binary statistics and the
+    per-sample weight of the reduction.
+    """
+
+    loss: Tensor
+    target_gap: Tensor | None
+    p_hat_weight: Tensor | None
+    q_hat_weight: Tensor | float | None
+    tckd: Tensor
+    nckd: Tensor
+    weights: Weights
+    a: Tensor | float
+    b: Tensor | float
+    log_binary: Tensor
+    log_ratio: Tensor
+    sample_weight: float | Tensor
+
+
+def sample_terms(
+    target_margin: Tensor,
+    nckd: Tensor,
+    temperature: float | Tensor,
+    weight_rule: WeightRule,
+    *,
+    sample_weight: float | Tensor,
+    keep: Tensor | None,
+    batch_scope: BatchScope | None,
+    reduction: str,
+    needs_grad: bool,
+    propagate_non_finite: bool,
+) -> SampleTerms:
+    """TCKD, the weights, the loss (D1) and the gradient's per-sample coefficients (G1)–(G2), from the
+    margins ``d = x_t/T - LSE_{k≠t}(x/T)`` of the student (index 0) and the teacher (index 1),
+    ``target_margin`` ``(2, ..., B, 1)``, and NCKD ``(..., B)``: the ``O(B)`` part that every formulation
+    of the kernel shares."""
     # (N2) with d = z_t/T - LSE_{k≠t}: log p_t = log σ(d), log(1 - p_t) = log σ(-d). The same differences
     # of log-sum-exps, but log σ keeps full relative precision of a tiny 1 - p_t or p_t.
     # Index 0 holds [log p_t, log(1 - p_t)], index 1 [log q_t, log(1 - q_t)].
-    target_margin = logit_t.sub_(non_target_max).sub_(log_s)  # (N1): LSE_{k≠t} = m + log s
     log_binary = F.logsigmoid(target_margin * _constant((1.0, -1.0), target_margin))  # [d, -d]
     binary_s, binary_t = log_binary.exp().unbind(0)  # b^S = [p_t, 1 - p_t], b^T = [q_t, 1 - q_t]
     log_b_s, log_b_t = log_binary.unbind(0)
@@ -197,10 +294,6 @@ def decoupled_forward(
     a, b = weights.a, weights.b
     if batch_scope is not None:
         sample_weight = batch_scope.sample_weight(sample_weight, keep, tckd, reduction, weights.batch_count)
-    if needs_temperature_grad:
-        teacher_terms = _teacher_temperature_terms(
-            scaled_logits[1], logit_t_copy[1], q_hat, log_hat_gap, log_binary, log_ratio, nckd, weights
-        )
     tensor_scale = isinstance(temperature, Tensor) or isinstance(sample_weight, Tensor)
     if tensor_scale:
         loss = (tckd * a + nckd * b) * (temperature * temperature * sample_weight)  # (D1)
@@ -208,8 +301,10 @@ def decoupled_forward(
         loss = _weighted_sum(tckd, a, nckd, b, scale=sample_weight * temperature**2)  # (D1)
     if keep is not None:
         loss = torch.where(keep, loss, 0.0)
-    if not (needs_grad or needs_temperature_grad):
-        return loss, None, None
+    if not needs_grad:
+        return SampleTerms(
+            loss, None, None, None, tckd, nckd, weights, a, b, log_binary, log_ratio, sample_weight
+        )
 
     p_t_minus_q_t = (binary_s - binary_t)[..., :1]
     if propagate_non_finite:
@@ -222,13 +317,15 @@ def decoupled_forward(
             b = torch.add(b, loss, alpha=0.0)
         else:
             p_t_minus_q_t = torch.addcmul(p_t_minus_q_t, loss.unsqueeze(-1), _constant(0.0, p_t_minus_q_t))
+    # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j] and (G1) T a (p_t - q_t), times sample_weight.
+    q_hat_weight: Tensor | float
     if tensor_scale:
         scale = (temperature * sample_weight).unsqueeze(-1)
         a_col = a.unsqueeze(-1) if isinstance(a, Tensor) else a
         b_col = b.unsqueeze(-1) if isinstance(b, Tensor) else b
         target_gap = p_t_minus_q_t * (a_col * scale)  # (G1)
-        scaled_b = b_col * scale
-        grad = torch.mul(p_hat, scaled_b - target_gap, out=log_hat_gap).addcmul_(q_hat, scaled_b, value=-1.0)
+        q_hat_weight = b_col * scale
+        p_hat_weight = q_hat_weight - target_gap
     else:
         scale = sample_weight * temperature
         if isinstance(a, float):
@@ -236,83 +333,76 @@ def decoupled_forward(
         else:
             zero = _constant(0.0, p_t_minus_q_t)
             target_gap = torch.addcmul(zero, p_t_minus_q_t, a.unsqueeze(-1), value=scale)  # (G1)
-        # (G2) T[(b - a(p_t - q_t)) p̂_j - b q̂_j]; p̂_t = q̂_t = 0, and (G1) then fills in the target.
         if isinstance(b, float):
-            scaled_b = b * scale
-            p_hat_weight = torch.sub(_constant(scaled_b, target_gap), target_gap)
-            grad = torch.mul(p_hat, p_hat_weight, out=log_hat_gap).add_(q_hat, alpha=-scaled_b)
+            q_hat_weight = b * scale
+            p_hat_weight = torch.sub(_constant(q_hat_weight, target_gap), target_gap)
         else:
-            scaled_b = scale_(b.unsqueeze(-1), scale)
-            grad = torch.mul(p_hat, scaled_b - target_gap, out=log_hat_gap).addcmul_(
-                q_hat, scaled_b, value=-1.0
-            )
-    temperature_grad = None
-    if needs_temperature_grad:
-        # (T1) per sample; grad holds sample_weight·G with 0 at the target, target_gap its target entry.
-        grad_dot_u = (
-            torch.linalg.vecdot(grad, scaled_logits[0], dim=-1) + target_gap.squeeze(-1) * logit_t_copy[0]
-        )
-        temperature_grad = (
-            sample_weight * temperature * (2 * (tckd * a + nckd * b) - teacher_terms) - grad_dot_u
-        )
-    grad.scatter_(-1, target_column, target_gap)
-    if standardize:
-        grad = _standardize_backward(grad, standardized_student, spread, num_classes)
-    if keep is not None:
-        grad = torch.where(keep.unsqueeze(-1), grad, 0.0)
-        if temperature_grad is not None:
-            temperature_grad = torch.where(keep, temperature_grad, 0.0)
-    return loss, grad if needs_grad else None, temperature_grad
+            q_hat_weight = scale_(b.unsqueeze(-1), scale)
+            p_hat_weight = q_hat_weight - target_gap
+    return SampleTerms(
+        loss,
+        target_gap,
+        p_hat_weight,
+        q_hat_weight,
+        tckd,
+        nckd,
+        weights,
+        a,
+        b,
+        log_binary,
+        log_ratio,
+        sample_weight,
+    )
 
 
-def _teacher_temperature_terms(
-    teacher: Tensor,
+def temperature_derivative(
+    terms: SampleTerms,
+    temperature: Tensor,
+    *,
     teacher_t: Tensor,
-    q_hat: Tensor,
-    log_hat_gap: Tensor,
-    log_binary: Tensor,
-    log_ratio: Tensor,
-    nckd: Tensor,
-    weights: Weights,
+    expected_w: Tensor,
+    gap_w: Tensor,
+    grad_dot_u: Tensor,
 ) -> Tensor:
-    r"""The bracket of (T1) that comes from the teacher's logits ``w = v/T``:
+    r"""``dL/dT`` of (T1) per sample, times ``sample_weight``, from the row sums the formulation formed:
+    ``expected_w = E_q̂[w]``, ``gap_w = E_q̂[(log q̂ - log p̂)·w]`` and ``grad_dot_u = Σ_j G_j u_j`` (``G`` the
+    gradient times ``sample_weight``), with ``teacher_t = w_t``. The bracket from the teacher's logits is
 
     .. math::
 
         \big(a(ℓ_t - ℓ_n) + b'\,\mathrm{NCKD}\big)\,q_t(1 - q_t)\,(w_t - E_{\hat q}[w])
             + b\,\mathrm{Cov}_{\hat q}(\log\hat q - \log\hat p,\ w)
 
-    with ``ℓ = log b^T - log b^S`` and ``b' = ∂b/∂q_t``. ``teacher`` holds ``w`` with 0 at the target;
-    ``q̂ = 0`` there, so the target entry of ``log_hat_gap`` drops out.
+    with ``ℓ = log b^T - log b^S`` and ``b' = ∂b/∂q_t``. Every term is invariant under a shift of ``w``, so
+    ``w`` may be taken shifted (or with 0 at the target, where ``q̂_t = 0``).
     """
-    expected_w = torch.linalg.vecdot(q_hat, teacher, dim=-1)
-    covariance = torch.linalg.vecdot(q_hat * log_hat_gap, teacher, dim=-1) - nckd * expected_w
-    binary_confidence = log_binary[1].sum(dim=-1).exp()  # q_t (1 - q_t)
-    explicit = weights.a * (log_ratio[..., 0] - log_ratio[..., 1]) + weights.db_dq_t * nckd
-    return explicit * binary_confidence * (teacher_t - expected_w) + weights.b * covariance
+    weights, nckd = terms.weights, terms.nckd
+    covariance = gap_w - nckd * expected_w
+    binary_confidence = terms.log_binary[1].sum(dim=-1).exp()  # q_t (1 - q_t)
+    explicit = weights.a * (terms.log_ratio[..., 0] - terms.log_ratio[..., 1]) + weights.db_dq_t * nckd
+    teacher_terms = explicit * binary_confidence * (teacher_t - expected_w) + weights.b * covariance
+    value = terms.tckd * terms.a + nckd * terms.b
+    return terms.sample_weight * temperature * (2 * value - teacher_terms) - grad_dot_u
 
 
 _STANDARDIZE_EPS = 1e-7
 
 
-def _standardize(scaled: Tensor, num_classes: int) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Both rows replaced by ``y = (x - mean(x)) / (std(x) + 1e-7)``, std unbiased, over the classes.
-
-    Returns the standardized pair, a copy of the student's ``y`` and the student's ``(σ, σ + 1e-7)``, for
-    (Z1).
+def logit_standardization(x: Tensor, num_classes: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` replaced, in place, by ``y = (x - mean(x)) / (std(x) + 1e-7)``, std unbiased, over the classes
+    (dimension ``dim``); returns ``y``, ``σ`` and ``σ + 1e-7``, the spread that (Z1) needs.
     """
-    centred = scaled - scaled.mean(dim=-1, keepdim=True)
+    centred = x - x.mean(dim=dim, keepdim=True)
     # From the centred values, a constant row has std exactly 0 (and then y = 0).
-    std = centred.square().sum(dim=-1, keepdim=True).div_(num_classes - 1).sqrt_()
+    std = centred.square().sum(dim=dim, keepdim=True).div_(num_classes - 1).sqrt_()
     denominator = std + _STANDARDIZE_EPS
-    standardized = centred.div_(denominator)
-    return standardized, standardized[0].clone(), (std[0], denominator[0])
+    return centred.div_(denominator), std, denominator
 
 
-def _standardize_backward(
-    grad: Tensor, standardized: Tensor, spread: tuple[Tensor, Tensor], num_classes: int
+def logit_standardization_backward(
+    grad: Tensor, standardized: Tensor, spread: tuple[Tensor, Tensor], num_classes: int, dim: int
 ) -> Tensor:
-    r"""(Z1): the gradient ``G`` with respect to ``y = (z - μ)/(σ + ε)`` carried back to ``z``,
+    r"""(Z1): the gradient ``G`` with respect to ``y = (z - μ)/(σ + ε)`` carried back to ``z``, in place,
 
     .. math:: \frac{∂L}{∂z} = \frac{1}{σ + ε}\Big[G - y\,\frac{(σ + ε)\,(G·y)}{(C - 1)\,σ}\Big]
 
@@ -320,7 +410,7 @@ def _standardize_backward(
     ``σ = 0`` and ``y = 0``; there the second term is 0, its value along every path that keeps ``σ > 0``.
     """
     std, denominator = spread
-    projection = torch.linalg.vecdot(grad, standardized, dim=-1).unsqueeze(-1)
+    projection = torch.linalg.vecdot(grad, standardized, dim=dim).unsqueeze(dim)
     factor = denominator / (std.clamp_min(torch.finfo(std.dtype).tiny) * (num_classes - 1))
     return grad.sub_(standardized * (projection * factor)).div_(denominator)
 
@@ -360,7 +450,7 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
     Under ``torch.compile`` and any tracing the constant is made fresh, not cached: a compiled graph has no
     per-call cost to save, and a cache filled while tracing would leak the graph's tensors out of it.
     """
-    if torch.compiler.is_compiling() or type(like) is not Tensor or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or type(like) is not Tensor or _len_torch_dispatch_stack():
         # A fake, functional or traced tensor (torch.compile, FakeTensorMode, make_fx, torch.export) gets a
         # constant of its own kind, never one from the cache, and none of its kind enters the cache: each
         # would poison the other world's later calls.
@@ -384,284 +474,3 @@ def _constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
 def scale_(x: Tensor, factor: float) -> Tensor:
     """``x`` multiplied in place by the number ``factor``, passed as a :func:`_constant`."""
     return x if factor == 1.0 else x.mul_(_constant(factor, x))
-
-
-class KernelOptions(NamedTuple):
-    """The non-tensor arguments of :class:`DecoupledKDFunction`."""
-
-    weight_rule: WeightRule
-    reduction: str
-    needs_grad: bool
-    needs_temperature_grad: bool = False
-    standardize: bool = False
-    propagate_non_finite: bool = False
-    batch_scope: BatchScope | None = None
-
-
-def _forward(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    temperature: float | Tensor,
-    keep: Tensor | None,
-    options: KernelOptions,
-    *,
-    eager: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The reduced loss and the two derivatives that backward multiplies by the incoming gradient."""
-    dtype = compute_dtype(student_logits, teacher_logits)
-    local_mean = options.reduction == "mean" and options.batch_scope is None  # a global one is (B1)'s
-    if keep is None:
-        sample_weight: float | Tensor = 1.0 / max(student_logits.shape[-2], 1) if local_mean else 1.0
-    else:
-        sample_weight = keep.to(dtype)
-        if local_mean:
-            sample_weight = sample_weight / keep.sum(dim=-1, keepdim=True).clamp_min(1)
-    # Eager, the kernel runs in inference mode, which spares each of its small operations autograd's
-    # dispatch (the cost that dominates small batches); a compiled graph has no such cost and cannot trace
-    # inference mode. Autograd saves only normal tensors, so the gradient's buffer is made out here and the
-    # other results leave inference mode through a functional operation.
-    grad_buffer = (
-        torch.empty_like(student_logits, dtype=dtype)
-        if options.needs_grad and not options.standardize and keep is None
-        else None
-    )
-    with _kernel_mode(student_logits, eager=eager):
-        loss, grad, temperature_grad = decoupled_forward(
-            student_logits,
-            teacher_logits,
-            target,
-            temperature,
-            options.weight_rule,
-            sample_weight=sample_weight,
-            needs_grad=options.needs_grad,
-            needs_temperature_grad=options.needs_temperature_grad,
-            keep=keep,
-            standardize=options.standardize,
-            propagate_non_finite=options.propagate_non_finite,
-            out=grad_buffer,
-            batch_scope=options.batch_scope,
-            reduction=options.reduction,
-        )
-    if grad is not None and grad is not grad_buffer or dtype != student_logits.dtype and grad is not None:
-        grad = grad.to(student_logits.dtype, copy=True)
-    if temperature_grad is not None:
-        temperature_grad = temperature_grad.clone()
-    # "mean" is weighted by 1/B above, so both reductions are a sum here.
-    if options.reduction == "none":
-        return loss.clone(), grad, temperature_grad
-    return (loss.sum() if loss.dim() == 1 else loss.sum(dim=-1)), grad, temperature_grad
-
-
-def is_eager() -> bool:
-    """Neither under ``torch.compile`` nor inside a :mod:`torch.func` transform."""
-    return _functorch_level() is None and not torch.compiler.is_compiling()
-
-
-def decoupled_kd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    target: Tensor,
-    temperature: float | Tensor,
-    keep: Tensor | None,
-    options: KernelOptions,
-    *,
-    eager: bool,
-) -> Tensor:
-    """The loss through the autograd function that fits the context (``eager``: :func:`is_eager`): the
-    lighter :class:`_EagerDecoupledKD` eagerly, :class:`DecoupledKDFunction` under :mod:`torch.func` and
-    ``torch.compile`` (PyTorch binds the arguments of a ``setup_context`` function with :mod:`inspect` on
-    every call, a cost as large as a tenth of the kernel at small batch sizes)."""
-    if eager:
-        return _EagerDecoupledKD.apply(student_logits, teacher_logits, target, temperature, keep, options)
-    return DecoupledKDFunction.apply(student_logits, teacher_logits, target, temperature, keep, options)[0]
-
-
-class DecoupledKDFunction(torch.autograd.Function):
-    """Autograd wrapper of :func:`decoupled_forward`: the loss, differentiable in the student's logits and,
-    when the temperature is a tensor that requires grad, in the temperature; the teacher, the target and
-    the mask get no gradient.
-
-    ``forward`` returns ``(loss, grad, temperature_grad)``; the two derivatives (``None`` where not asked
-    for) are what backward multiplies by the incoming gradient. Written in the ``setup_context`` form with a
-    ``vmap`` rule, so :mod:`torch.func` transforms (``grad``, ``vmap``, ``jacrev``) work on it.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        temperature: float | Tensor,
-        keep: Tensor | None,
-        options: KernelOptions,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        return _forward(student_logits, teacher_logits, target, temperature, keep, options, eager=False)
-
-    @staticmethod
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-        _, _, _, temperature, _, options = inputs
-        _, grad, temperature_grad = output
-        ctx.mark_non_differentiable(*(t for t in (grad, temperature_grad) if t is not None))
-        ctx.set_materialize_grads(False)  # the derivatives' own incoming gradients are never used
-        _save(ctx, grad, temperature_grad, temperature, options)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_: Tensor
-    ) -> tuple[Tensor | None, None, None, Tensor | None, None, None]:
-        # create_graph=True would give a gradient without its own derivative, hence a silently wrong
-        # second derivative; torch.func runs every backward with grad mode on, and there
-        # once_differentiable raises when a second derivative is actually taken.
-        if torch.is_grad_enabled() and _functorch_level() is None:
-            _refuse_double_backward()
-        return _backward(ctx, grad_loss)
-
-    @staticmethod
-    def vmap(
-        info: object,
-        in_dims: tuple,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        temperature: float | Tensor,
-        keep: Tensor | None,
-        options: KernelOptions,
-    ) -> tuple[tuple, tuple]:
-        """Each vmapped instance is a leading dimension of rows: its samples stay one batch for the
-        reductions and for AEKT's batch normalisation."""
-        size = info.batch_size  # type: ignore[attr-defined]
-
-        def leading(value: Tensor | None, dim: int | None) -> Tensor | None:
-            if not isinstance(value, Tensor):
-                return value
-            return value.movedim(dim, 0) if dim is not None else value.expand(size, *value.shape)
-
-        student, teacher, classes = (
-            leading(x, d) for x, d in zip((student_logits, teacher_logits, target), in_dims[:3], strict=True)
-        )
-        if isinstance(temperature, Tensor):
-            temperature = leading(temperature, in_dims[3])
-            if temperature.dim() == 1:  # one temperature per instance: broadcast over its samples
-                temperature = temperature.unsqueeze(-1)
-        outputs = _forward(
-            student, teacher, classes, temperature, leading(keep, in_dims[4]), options, eager=False
-        )
-        return outputs, tuple(None if x is None else 0 for x in outputs)
-
-
-class _EagerDecoupledKD(torch.autograd.Function):
-    """:class:`DecoupledKDFunction` in the classic form (``forward(ctx, ...)``), for eager calls."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        temperature: float | Tensor,
-        keep: Tensor | None,
-        options: KernelOptions,
-    ) -> Tensor:
-        loss, grad, temperature_grad = _forward(
-            student_logits, teacher_logits, target, temperature, keep, options, eager=True
-        )
-        _save(ctx, grad, temperature_grad, temperature, options)
-        return loss
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor
-    ) -> tuple[Tensor | None, None, None, Tensor | None, None, None]:
-        if torch.is_grad_enabled():
-            _refuse_double_backward()
-        return _multiply(ctx, grad_loss)
-
-
-def _save(
-    ctx: torch.autograd.function.FunctionCtx,
-    grad: Tensor | None,
-    temperature_grad: Tensor | None,
-    temperature: float | Tensor,
-    options: KernelOptions,
-) -> None:
-    if temperature_grad is None:
-        ctx.save_for_backward(grad)
-    else:
-        ctx.save_for_backward(grad, temperature_grad)
-        ctx.temperature_shape = temperature.shape  # type: ignore[attr-defined]
-    ctx.reduction = options.reduction  # type: ignore[attr-defined]
-
-
-def _refuse_double_backward() -> None:
-    raise RuntimeError(
-        "double backward through the fused distillation loss is not supported: its saved gradient is a "
-        "constant; use aekt_plugin.reference for higher-order derivatives"
-    )
-
-
-def _multiply(
-    ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor | None
-) -> tuple[Tensor | None, None, None, Tensor | None, None, None]:
-    """Multiply the saved derivatives by the incoming gradient (per sample for ``"none"``)."""
-    saved = ctx.saved_tensors  # type: ignore[attr-defined]
-    grad, temperature_grad = saved if len(saved) == 2 else (saved[0], None)
-    if grad_loss is None:
-        return None, None, None, None, None, None
-    if temperature_grad is None and grad is not None and grad_loss.dim() == 0:  # the common case
-        return (
-            grad * (grad_loss if grad_loss.dtype == grad.dtype else grad_loss.to(grad.dtype)),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-    # "mean"/"sum" give one incoming gradient per instance, "none" one per sample.
-    per_row = grad_loss if ctx.reduction == "none" or grad_loss.dim() == 0 else grad_loss.unsqueeze(-1)  # type: ignore[attr-defined]
-    student_grad = None
-    if grad is not None:
-        factor = per_row if per_row.dim() == 0 else per_row.unsqueeze(-1)
-        student_grad = grad * (factor if factor.dtype == grad.dtype else factor.to(grad.dtype))
-    temperature_total = None
-    if temperature_grad is not None:
-        by_row = temperature_grad * per_row.to(temperature_grad.dtype)
-        temperature_total = by_row.sum_to_size(ctx.temperature_shape)  # type: ignore[attr-defined]
-    return student_grad, None, None, temperature_total, None, None
-
-
-_backward = torch.autograd.function.once_differentiable(_multiply)
-
-
-def _functorch_level() -> int | None:
-    """The current ``torch.func`` transform level, or ``None`` outside any transform."""
-    return torch._C._functorch.maybe_current_level()
-
-
-def _kernel_mode(like: Tensor, *, eager: bool):
-    """Inference mode for the eager kernel, with autocast off (the loss is computed in float32 or float64
-    whatever autocast would choose); no inference mode under ``torch.compile`` and ``torch.func``, which
-    cannot trace it."""
-    if not eager:
-        return torch.autocast(like.device.type, enabled=False)
-    if _any_autocast_enabled():
-        return _inference_without_autocast(like.device.type)
-    return torch.inference_mode()
-
-
-_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None) or (
-    lambda: torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
-)
-
-
-class _inference_without_autocast:
-    def __init__(self, device_type: str) -> None:
-        self._modes = (torch.inference_mode(), torch.autocast(device_type, enabled=False))
-
-    def __enter__(self) -> None:
-        for mode in self._modes:
-            mode.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)

@@ -305,7 +305,8 @@ def _check_values_can_be_read() -> None:
 
 
 class Rows(NamedTuple):
-    """Checked inputs flattened to rows: ``(B, C)`` logits, int64 classes ``(B,)``, the sample shape, the
+    """Checked inputs flattened to rows: ``(B, C)`` logits (or dense ``(N, C, S)``, see
+    :func:`prepare_rows`), int64 classes ``(B,)`` (one per sample, flattened), the sample shape, the
     temperature (a number, a 0-d tensor or a ``(B,)`` tensor), and the ignore information: ``keep`` when
     the targets were read, else ``ignore_index`` to be resolved by the kernel's caller."""
 
@@ -318,10 +319,13 @@ class Rows(NamedTuple):
     ignore_index: int | None
 
 
-def _as_rows(logits: Tensor) -> Tensor:
-    """``(N, C, d1, ...)`` to ``(N·d1·..., C)``; ``(B, C)`` is returned as it is."""
+def _as_rows(logits: Tensor, dense: bool) -> Tensor:
+    """``(N, C, d1, ...)`` to ``(N, C, d1·...)`` (a view where the layout allows) with ``dense``, else to
+    the rows ``(N·d1·..., C)``; ``(B, C)`` is returned as it is."""
     if logits.dim() == 2:
         return logits
+    if dense:
+        return logits.reshape(logits.shape[0], logits.shape[1], -1)
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
@@ -335,6 +339,7 @@ def prepare_rows(
     validate_args: bool,
     ignore_index: int | None = None,
     target_required: bool = True,
+    dense: bool = False,
 ) -> Rows:
     """Check the tensors against each other and flatten ``(N, C, d1, ...)`` to ``(B, C)`` rows; the options
     come checked by :func:`check_options`.
@@ -342,7 +347,8 @@ def prepare_rows(
     ``target=None`` is allowed only where the value does not depend on it (``target_required=False``, KD)
     and then stands for class 0 everywhere. ``ignore_index`` applies to class-index targets: with
     ``validate_args`` the targets are read here and ``keep`` says which samples count (``None``: all);
-    otherwise ``ignore_index`` is passed on for the caller to resolve.
+    otherwise ``ignore_index`` is passed on for the caller to resolve. With ``dense``, dense logits stay
+    ``(N, C, S)``, classes at dim 1 where they lie (the fused kernel reduces them there), instead of rows.
     """
     check_logits(student_logits, teacher_logits)
     sample_shape = student_logits.shape[:1] + student_logits.shape[2:]
@@ -375,8 +381,8 @@ def prepare_rows(
     if isinstance(temperature, Tensor) and temperature.dim() > 1:
         temperature = temperature.reshape(-1)
     return Rows(
-        student=_as_rows(student_logits),
-        teacher=_as_rows(teacher_logits),
+        student=_as_rows(student_logits, dense),
+        teacher=_as_rows(teacher_logits, dense),
         classes=rows_classes,
         sample_shape=sample_shape,
         temperature=temperature,

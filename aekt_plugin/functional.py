@@ -18,7 +18,7 @@ DKD     α                                β
 AEKT    α · min(q_t / p_t, w_max)        β
 ======  ===============================  =========
 
-Each function below only names its weight rule ``(a, b)``; :func:`~aekt_plugin._kernel.decoupled_kd`
+Each function below only names its weight rule ``(a, b)``; :func:`~aekt_plugin._autograd.decoupled_kd`
 does the rest in log space (finite for ``|logits|`` up to 1e4, ``p_t`` underflowing or rounding to 1) and
 returns the closed-form gradient. The student's logits are differentiated, and a temperature tensor that
 requires grad; the teacher's logits never are.
@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import _distributed, _kernel, _validation
-from ._kernel import KernelOptions, TargetStats, WeightRule, Weights, decoupled_kd, scale_
+from . import _autograd, _distributed, _validation
+from ._autograd import KernelOptions, decoupled_kd
+from ._kernel import TargetStats, WeightRule, Weights, scale_
 from .defaults import DEFAULTS
 
 if TYPE_CHECKING:
@@ -172,9 +173,10 @@ def decoupled_loss(
         validate_args=validate_args,
         ignore_index=checked["ignore_index"],
         target_required=target_required,
+        dense=True,
     )
     scope = _distributed.batch_scope(checked["global_batch"], checked["process_group"])
-    if scope is not None and _kernel._functorch_level() is not None:
+    if scope is not None and _autograd._functorch_level() is not None:
         raise ValueError(
             "global_batch=True under a torch.func transform is not supported: each vmapped instance is a "
             "batch of its own; pass global_batch=False there"
@@ -197,7 +199,7 @@ def decoupled_loss(
         not validate_args,
         scope,
     )
-    eager = _kernel.is_eager()
+    eager = _autograd.is_eager()
     classes, keep = rows.classes, rows.keep
     if rows.ignore_index is not None:
         # The targets were not read (validate_args=False) and may hold ignore_index. Finding ignored samples
@@ -205,7 +207,7 @@ def decoupled_loss(
         # pay. Eager on CPU, an ignore value outside [0, C) makes the kernel's first gather fail before
         # anything is written: the kernel runs unmasked and masks only after that failure. Elsewhere (CUDA,
         # torch.compile and torch.func, an ignore value that is also a class index) it always masks.
-        num_classes = rows.student.shape[-1]
+        num_classes = rows.student.shape[1]
         if eager and classes.is_cpu and not 0 <= rows.ignore_index < num_classes:
             try:
                 loss = decoupled_kd(

@@ -18,7 +18,7 @@ import aekt_plugin
 from aekt_plugin import bench
 from aekt_plugin._baselines import dkd_mdistiller, kd_plain
 from aekt_plugin.bench import cli as bench_cli
-from aekt_plugin.bench import targets, timing
+from aekt_plugin.bench import memory, offpath, report, targets, timing
 from aekt_plugin.bench.methods import make_cases, make_inputs
 from aekt_plugin.bench.timing import pinned_threads, summarise
 
@@ -331,6 +331,7 @@ def small_result(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
             "--untimed-calls=1",
             "--min-block-ms=0.5",
             "--options",
+            "--offpath=none",
             "--quiet",
             f"--json={out / 'r.json'}",
             f"--markdown={out / 'r.md'}",
@@ -371,9 +372,11 @@ def test_bench_json_has_every_method_with_times_ratios_and_saved_bytes(
         "time / kd_plain",
         "time / dkd_mdistiller",
         "time / aekt_reference",
+        "time / dkd_fused",
         "saved bytes / kd_plain",
         "saved bytes / (2·B·C·elem + O(B))",
     ]
+    assert result["off_path"] == []
     for diffs in entry["agreement"].values():
         assert diffs["loss_abs_diff"] < 1e-4 and diffs["grad_max_abs_diff"] < 1e-5
 
@@ -492,6 +495,7 @@ def _load_kernel_script():
 def test_kernel_script_adds_the_end_to_end_step_and_the_revision(tmp_path: Path) -> None:
     kernel = _load_kernel_script()
     argv = ["--device=cpu", "--shapes=8x10", "--rounds=2", "--untimed-calls=1", "--min-block-ms=0.5"]
+    argv += ["--offpath=none"]
     argv += ["--e2e-batch=8", "--e2e-classes=10", "--e2e-rounds=2", "--quiet"]
     assert kernel.main([*argv, f"--json={tmp_path / 'r.json'}", f"--markdown={tmp_path / 'r.md'}"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
@@ -511,3 +515,93 @@ def test_kernel_script_rejects_a_bad_e2e_option_by_name(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         _load_kernel_script().main(["--e2e-classes=1"])
     assert "--e2e-classes" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# Off the tuned path: compiled, dense and memory rows, peak memory, FAIL lines
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_extra_peak_memory_counts_what_a_step_allocates_at_once_on_cpu() -> None:
+    def step() -> None:
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB while a is alive
+        del a, b
+        torch.empty(1 << 18)  # 1 MiB once both are freed
+
+    peak = memory.extra_peak_memory(step, torch.device("cpu"))
+    assert peak is not None and 6 * 2**20 <= peak < 6 * 2**20 + 4096
+
+
+def test_offpath_rows_measure_what_they_name_and_judge_their_targets() -> None:
+    shapes = {"compiled": (16, 10), "dense": (2, 5, 3, 4), "memory": (8, 20)}
+    entries = offpath.offpath_benchmark(
+        device=torch.device("cpu"), shapes=shapes, rounds=2, compile_backend="aot_eager"
+    )
+    rows = {(entry["row"], entry["dtype"]): entry for entry in entries}
+    assert list(rows) == [
+        ("compiled", "float32"),
+        ("dense", "float32"),
+        ("memory", "float32"),
+        ("memory", "bfloat16"),
+    ]
+    compiled = rows["compiled", "float32"]
+    assert list(compiled["methods"]) == ["kd_plain:compiled", "aekt_fused:compiled", "aekt_fused"]
+    assert {c["name"] for c in compiled["targets"]} == {
+        "compiled AEKT / compiled kd_plain",
+        "compiled AEKT / eager AEKT",
+        "eager AEKT / compiled kd_plain",
+    }
+    assert compiled["agreement"]["aekt_fused:compiled~aekt_fused"]["grad_max_abs_diff"] < 1e-6
+    dense = rows["dense", "float32"]
+    assert dense["shape"] == [2, 5, 3, 4] and dense["methods"]["aekt_fused"]["ratio_kd_plain"] > 0
+    # plain KD keeps two log-softmaxes and makes their gradients: more than the fused loss's .grad
+    assert dense["methods"]["kd_plain"]["extra_peak_inputs"] >= 2.0
+    assert [c["limit"] for c in rows["memory", "float32"]["targets"]] == [2.0]
+    assert [c["limit"] for c in rows["memory", "bfloat16"]["targets"]] == [2.5]
+
+
+def test_the_offpath_rows_count_in_the_verdict_and_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(offpath.OFFPATH_SHAPES, "memory", (8, 20))
+    result = bench.benchmark(shapes=[(8, 10)], rounds=1, untimed_calls=0, min_block_ms=0, offpath=["memory"])
+    assert [entry["row"] for entry in result["off_path"]] == ["memory", "memory"]
+    checks = [c for entry in result["kernel"] + result["off_path"] for c in entry["targets"]]
+    assert result["passed"] == all(c["passed"] for c in checks)
+    table = bench.to_markdown(result)
+    assert "## memory (8, 20) float32" in table and "## memory (8, 20) bfloat16" in table
+    for line in report.failures(result):
+        assert f"**FAIL** {line}" in table
+
+
+def test_a_missed_target_is_named_with_where_and_by_how_much() -> None:
+    check = {"name": "compiled AEKT / compiled kd_plain", "value": 1.5, "limit": 1.25, "passed": False}
+    line = targets.describe(check, "compiled (4096, 8192) float32")
+    assert line == (
+        "compiled (4096, 8192) float32: compiled AEKT / compiled kd_plain is 1.500, over its limit 1.25 by "
+        "0.250 (+20.0 %)"
+    )
+    result = {"passed": False, "kernel": [{"shape": [64, 100], "targets": [check]}], "off_path": []}
+    assert report.failures(result) == [targets.describe(check, "(64, 100)")]
+
+
+def test_offpath_targets_have_the_limits_of_the_issue() -> None:
+    figures = {
+        "kd_plain:compiled": {},
+        "aekt_fused:compiled": {"ratio_kd_plain:compiled": 1.25, "ratio_aekt_fused": 1.0},
+        "aekt_fused": {"ratio_kd_plain:compiled": 1.51, "ratio_kd_plain": 1.1, "extra_peak_inputs": 2.0},
+    }
+    compiled = targets.judge_offpath("compiled", "float32", figures)
+    assert [(c["limit"], c["passed"]) for c in compiled] == [(1.25, True), (1.0, True), (1.5, False)]
+    dense = targets.judge_offpath("dense", "float32", figures)
+    assert [(c["limit"], c["passed"]) for c in dense] == [(2.0, True), (1.1, True)]
+    assert targets.judge_offpath("memory", "bfloat16", figures)[0]["limit"] == 2.5
+    assert targets.judge_offpath("memory", "float32", {"aekt_fused": {"extra_peak_inputs": None}}) == []
+
+
+def test_offpath_rows_are_chosen_by_name() -> None:
+    assert bench_cli.parse_rows("compiled, memory") == ["compiled", "memory"]
+    assert bench_cli.parse_rows("none") == []
+    with pytest.raises(ValueError, match="--offpath"):
+        bench_cli.parse_rows("compiled,turbo")
+    with pytest.raises(ValueError, match="offpath"):
+        bench.benchmark(shapes=[(8, 10)], rounds=1, offpath=["turbo"])

@@ -611,3 +611,24 @@ def test_a_temperature_schedule_keeps_the_constant_cache_bounded_and_the_values_
             )
             torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_reuses_the_saved_gradient_only_when_the_graph_is_freed(reduction):
+    """Without retain_graph the saved gradient's buffer becomes the result (no second B×C tensor); with it
+    the saved gradient stays intact for the next backward. Both give the same numbers."""
+    student = torch.randn(16, 10, requires_grad=True)
+    teacher, target = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    loss = aekt_plugin.aekt_loss(student, teacher, target, reduction=reduction).sum()
+    kept = [torch.autograd.grad(loss * scale, student, retain_graph=True)[0] for scale in (1.0, 3.0, 1.0)]
+    assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[0] * 3.0)
+    (last,) = torch.autograd.grad(loss, student)
+    assert torch.equal(last, kept[0])
+    per_sample = aekt_plugin.aekt_loss(student, teacher, target, reduction=reduction)
+    node = per_sample.grad_fn
+    if reduction == "none":  # past the view to the sample shape
+        node = node.next_functions[0][0]
+    saved = node.saved_tensors[0].data_ptr()
+    per_sample.sum().backward()
+    assert student.grad.data_ptr() == saved  # .grad took over the saved gradient's buffer
+    assert torch.equal(student.grad, kept[0])

@@ -16,6 +16,11 @@ method at each shape the result gives:
 ``aekt bench --options`` adds the fused AEKT with each option of the kernel (``standardize``, a learnable
 or per-sample temperature, ignored targets), each with its paired ratio to the loss without it.
 
+After the main table come the rows off the tuned path (:mod:`~aekt_plugin.bench.offpath`, ``--offpath``):
+the losses compiled with ``torch.compile`` at ``(4096, 8192)``, on dense ``(8, 19, 256, 512)`` logits, and
+the extra peak memory of a forward and backward at ``(8192, 16384)`` in float32 and bfloat16, each with its
+targets. Every missed target is listed at the top of the report with its limit and by how much it is over.
+
 The result states the device, dtype, thread count and torch version it ran on; :func:`benchmark` returns
 it ready for JSON and :func:`to_markdown` renders it. :mod:`~aekt_plugin.bench.methods` defines what is
 timed, :mod:`~aekt_plugin.bench.cli` the options (``aekt bench --help``).
@@ -28,8 +33,9 @@ Importing this package imports torch and the standard library only.
 
 from .calls import count_aten_calls
 from .cli import add_bench_arguments, main, parse_shapes, run_bench
-from .memory import SavedBytes, count_saved_bytes
+from .memory import SavedBytes, count_saved_bytes, extra_peak_memory
 from .methods import BASELINES, DEFAULT_SHAPES, KERNEL_METHODS, OPTION_METHODS, OPTIONS
+from .offpath import OFFPATH_ROWS, OFFPATH_SHAPES, offpath_benchmark
 from .report import to_markdown
 from .run import SCHEMA, benchmark
 
@@ -37,6 +43,8 @@ __all__ = [
     "BASELINES",
     "DEFAULT_SHAPES",
     "KERNEL_METHODS",
+    "OFFPATH_ROWS",
+    "OFFPATH_SHAPES",
     "OPTIONS",
     "OPTION_METHODS",
     "SCHEMA",
@@ -45,7 +53,9 @@ __all__ = [
     "benchmark",
     "count_aten_calls",
     "count_saved_bytes",
+    "extra_peak_memory",
     "main",
+    "offpath_benchmark",
     "parse_shapes",
     "run_bench",
     "to_markdown",

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .methods import DEFAULT_SHAPES, KERNEL_METHODS, OPTION_METHODS, OPTIONS
-from .report import to_markdown
+from .offpath import OFFPATH_ROWS
+from .report import failures, to_markdown
 from .run import DTYPES, benchmark
 from .timing import CLOCKS
 
-__all__ = ["add_bench_arguments", "main", "parse_shapes", "run_bench"]
+__all__ = ["add_bench_arguments", "main", "parse_rows", "parse_shapes", "run_bench"]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -60,6 +61,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--options",
         action="store_true",
         help=f"also time {', '.join(OPTION_METHODS)}: the cost of each option against aekt_fused",
+    )
+    parser.add_argument(
+        "--offpath",
+        default=",".join(OFFPATH_ROWS),
+        help="comma-separated rows off the tuned path to run after the main table, or 'none': compiled "
+        "(torch.compile at 4096x8192), dense (8x19x256x512), memory (peak memory at 8192x16384, float32 and "
+        "bfloat16); default %(default)s",
+    )
+    parser.add_argument(
+        "--offpath-rounds",
+        type=int,
+        default=15,
+        help="interleaved timing rounds of each off-path row (default 15)",
     )
     parser.add_argument("--temperature", type=float, default=4.0, help="T (default 4)")
     parser.add_argument("--alpha", type=float, default=1.0, help="α of DKD/AEKT (default 1)")
@@ -107,7 +121,21 @@ def _benchmark_from_args(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         clock=args.clock,
         progress=not args.quiet,
+        offpath=parse_rows(args.offpath),
+        offpath_rounds=args.offpath_rounds,
     )
+
+
+def parse_rows(text: str) -> list[str]:
+    """``"compiled,dense"`` -> ``["compiled", "dense"]``; ``"none"`` -> ``[]``; ``ValueError`` naming
+    ``--offpath`` for an unknown row."""
+    rows = [item.strip().lower() for item in text.split(",") if item.strip()]
+    if rows == ["none"]:
+        return []
+    unknown = [row for row in rows if row not in OFFPATH_ROWS]
+    if unknown:
+        raise ValueError(f"--offpath: unknown rows {unknown}; choose from {', '.join(OFFPATH_ROWS)} or none")
+    return rows
 
 
 def _write(path: Path | None, text: str) -> None:
@@ -138,6 +166,8 @@ def run_bench(args: argparse.Namespace, *, extend: Extension | None = None) -> i
     _write(args.markdown, table + "\n")
     if not args.quiet:
         print(table)
+    for line in failures(result):  # also with --quiet
+        print(f"aekt bench: FAIL {line}", file=sys.stderr)
     return 1 if (args.strict and not result["passed"]) else 0
 
 

@@ -1,4 +1,4 @@
-r"""What a loss keeps for backward, and (on CUDA) the peak memory of one step.
+r"""What a loss keeps for backward, and the peak memory of one step.
 
 Every tensor autograd saves for backward passes through :class:`torch.autograd.graph.saved_tensors_hooks`.
 Three counts are reported: ``saved_bytes`` (sum of ``numel·element_size`` over the saved tensors, as an op
@@ -11,14 +11,17 @@ walking the graph and reported as ``ctx_attr_bytes`` so that nothing is hidden.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["SavedBytes", "count_saved_bytes", "peak_memory"]
+__all__ = ["SavedBytes", "count_saved_bytes", "extra_peak_memory", "peak_memory"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +121,59 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
     step()
     torch.cuda.synchronize(device)
     return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def extra_peak_memory(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak memory allocated by one call of ``step`` above what was allocated before it, on any device:
+    :func:`peak_memory` on CUDA; on CPU from the allocations the profiler records
+    (``profile_memory=True``: every allocation and free of the CPU allocator, in order), which costs a
+    profiled call, so it is measured apart from the timing. ``None`` where the profiler has no record."""
+    if device.type == "cuda":
+        return peak_memory(step, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silenced_stderr():  # the profiler's own start and stop lines (and a no-GPU error) go to fd 2
+        profiler.start()
+    try:
+        step()
+    finally:
+        with _silenced_stderr():
+            profiler.stop()
+    try:
+        from torch._C._profiler import _EventType
+
+        events = profiler.profiler.kineto_results.experimental_event_tree()
+        allocations = sorted(
+            (event for event in _walk(events) if event.tag == _EventType.Allocation),
+            key=lambda event: event.start_time_ns,
+        )
+    except (AttributeError, ImportError, RuntimeError):  # a torch whose profiler records differently
+        return None
+    allocated = peak = 0
+    for event in allocations:
+        allocated += event.extra_fields.alloc_size
+        peak = max(peak, allocated)
+    return peak
+
+
+@contextmanager
+def _silenced_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to ``os.devnull`` inside the block (C++ logging writes there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _walk(events: Any) -> Any:
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import targets
 from .methods import BASELINES, split_option
 
-__all__ = ["format_bytes", "format_time", "to_markdown"]
+__all__ = ["failures", "format_bytes", "format_time", "to_markdown"]
 
 
 def format_time(seconds: float) -> str:
@@ -55,7 +56,40 @@ def _header(result: dict[str, Any]) -> list[str]:
             f"- options: {described}. `× without` is the paired ratio to the loss without the option."
         )
     verdict = "PASS" if result["passed"] else "FAIL"
-    return [*lines, f"- targets judged on: {result['targets_judged_on']}; overall: **{verdict}**", ""]
+    lines.append(f"- targets judged on: {result['targets_judged_on']}; overall: **{verdict}**")
+    return [*lines, *(f"  - **FAIL** {line}" for line in failures(result)), ""]
+
+
+def _where(entry: dict[str, Any]) -> str:
+    shape = ", ".join(map(str, entry["shape"]))
+    if "row" in entry:
+        return f"{entry['row']} ({shape}) {entry['dtype']}"
+    return f"({shape})"
+
+
+def failures(result: dict[str, Any]) -> list[str]:
+    """One line per missed target: where, which, and by how much
+    (:func:`~aekt_plugin.bench.targets.describe`)."""
+    entries = [*result["kernel"], *result.get("off_path", [])]
+    return [
+        targets.describe(check, _where(entry))
+        for entry in entries
+        for check in entry["targets"]
+        if not check["passed"]
+    ]
+
+
+def _verdict(check: dict[str, Any]) -> str:
+    if check["passed"]:
+        return "pass"
+    return f"**FAIL** ({100.0 * (check['value'] / check['limit'] - 1.0):+.1f} %)"
+
+
+def _targets_table(checks: list[dict[str, Any]], title: str) -> list[str]:
+    lines = ["", f"| {title} | value | limit | result |", "|---|---:|---:|---|"]
+    for check in checks:
+        lines.append(f"| {check['name']} | {check['value']:.3f} | {check['limit']:.2f} | {_verdict(check)} |")
+    return lines
 
 
 def _without_option(name: str, m: dict[str, Any]) -> str:
@@ -89,10 +123,48 @@ def _shape_section(entry: dict[str, Any]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if entry["targets"]:
-        lines += ["", "| fused AEKT target | value | limit | result |", "|---|---:|---:|---|"]
-        for check in entry["targets"]:
-            verdict = "pass" if check["passed"] else "**FAIL**"
-            lines.append(f"| {check['name']} | {check['value']:.3f} | {check['limit']:.2f} | {verdict} |")
+        lines += _targets_table(entry["targets"], "fused AEKT target")
+    if entry["agreement"]:
+        agree = ", ".join(
+            f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
+            for pair, d in entry["agreement"].items()
+        )
+        lines += ["", f"Agreement (max abs diff): {agree}."]
+    lines.append("")
+    return lines
+
+
+_OFFPATH_TITLES = {
+    "compiled": "compiled with torch.compile (inductor), forward+backward",
+    "dense": "dense logits, classes at dim 1, forward+backward",
+    "memory": "extra peak memory of forward+backward",
+}
+
+
+def _offpath_section(entry: dict[str, Any]) -> list[str]:
+    """One off-path row: each method's time and paired ratios (where timed) and extra peak memory."""
+    methods = entry["methods"]
+    timed = any("median_s" in m for m in methods.values())
+    bases = [name for name in methods if any(f"ratio_{name}" in m for m in methods.values())]
+    headers = ["method", *(["median time", *(f"× {base}" for base in bases)] if timed else [])]
+    measured_peak = any("extra_peak_inputs" in m for m in methods.values())
+    headers += ["extra peak (inputs)"] if measured_peak else []
+    lines = [
+        f"## {_where(entry)} — {_OFFPATH_TITLES[entry['row']]}",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * (len(headers) - 1),
+    ]
+    for name, m in methods.items():
+        cells = [f"`{name}`"]
+        if timed:
+            cells += [format_time(m["median_s"]), *(_ratio(m, base) for base in bases)]
+        if measured_peak:
+            peak = m.get("extra_peak_inputs")
+            cells.append("–" if peak is None else f"{peak:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    if entry["targets"]:
+        lines += _targets_table(entry["targets"], "target")
     if entry["agreement"]:
         agree = ", ".join(
             f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
@@ -104,8 +176,11 @@ def _shape_section(entry: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """The benchmark result as markdown tables (environment first, then one table per shape)."""
+    """The benchmark result as markdown tables (environment and missed targets first, then one table per
+    shape, then the off-path rows)."""
     lines = _header(result)
     for entry in result["kernel"]:
         lines += _shape_section(entry)
+    for entry in result.get("off_path", []):
+        lines += _offpath_section(entry)
     return "\n".join(lines)

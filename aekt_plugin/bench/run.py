@@ -28,17 +28,21 @@ from .methods import (
     make_inputs,
     split_option,
 )
+from .offpath import OFFPATH_ROWS, offpath_benchmark
 from .timing import CLOCKS, clock_name, interleaved_timing, paired_ratio, pinned_threads, summarise
 
 __all__ = ["DTYPES", "SCHEMA", "benchmark", "environment", "kernel_benchmark"]
 
-SCHEMA = "aekt-bench/2"
+SCHEMA = "aekt-bench/3"
 """Identifier of the JSON layout written by ``--json`` (bumped when a field changes meaning or goes).
 
 2: ``end_to_end`` and ``environment.aekt_plugin_revision`` are written by ``benchmarks/kernel.py`` only,
 no longer by ``aekt bench``; new per-method ``calls`` (ATen operators of one forward+backward); methods
 with an option (``aekt_fused+ignore``) with ``ratio_<the loss without it>``, described in
-``settings.options``."""
+``settings.options``.
+3: ``off_path`` (the compiled, dense and memory rows of :mod:`~aekt_plugin.bench.offpath`, each with its
+targets) and ``settings.offpath_rounds``; ``ratio_dkd_fused`` for every method and the overhead tier's
+``time / dkd_fused`` target; ``passed`` covers the off-path targets too."""
 
 DTYPES = {
     "float32": torch.float32,
@@ -218,12 +222,17 @@ def benchmark(
     seed: int = 0,
     clock: str = "cpu",
     progress: bool = False,
+    offpath: Sequence[str] = (),
+    offpath_rounds: int = 15,
 ) -> dict[str, Any]:
-    """Run the kernel benchmark (:func:`kernel_benchmark`) and return the JSON-ready result.
+    """Run the kernel benchmark (:func:`kernel_benchmark`) and the off-path rows named in ``offpath``
+    (:func:`~aekt_plugin.bench.offpath.offpath_benchmark`, each ``offpath_rounds`` rounds; ``aekt bench``
+    runs them all by default) and return the JSON-ready result.
 
     A method with an option (``aekt_fused+ignore``) is timed with the same loss without it, added to
     ``methods`` if missing. The result holds ``schema``, ``environment``, ``settings``, ``kernel`` (one
-    entry per shape), ``targets_judged_on`` and ``passed`` (every target met).
+    entry per shape), ``off_path`` (one entry per off-path row), ``targets_judged_on`` and ``passed``
+    (every target met).
     ``torch.set_num_threads(threads)`` is set for the duration of the call and restored afterwards. Raises
     ``ValueError`` naming the argument on bad input (unknown method, non-positive shapes, ...).
     """
@@ -234,7 +243,10 @@ def benchmark(
         if batch < 1 or classes < 2:
             raise ValueError(f"shapes: need B >= 1 and C >= 2, got ({batch}, {classes})")
     methods = _check_methods(methods)
-    for name, value in (("threads", threads), ("rounds", rounds)):
+    unknown = sorted(set(offpath) - set(OFFPATH_ROWS))
+    if unknown:
+        raise ValueError(f"offpath: unknown rows {unknown}; choose from {list(OFFPATH_ROWS)}")
+    for name, value in (("threads", threads), ("rounds", rounds), ("offpath_rounds", offpath_rounds)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if untimed_calls < 0 or min_block_ms < 0:
@@ -254,6 +266,7 @@ def benchmark(
                 "rounds": rounds,
                 "untimed_calls": untimed_calls,
                 "min_block_ms": min_block_ms,
+                "offpath_rounds": offpath_rounds,
                 "seed": seed,
                 "clock": clock_name(device, clock),
                 "timing": "forward+backward w.r.t. student logits; median over interleaved rounds; "
@@ -279,7 +292,18 @@ def benchmark(
                 progress=progress,
             ),
         }
-    checks = [c for entry in result["kernel"] for c in entry["targets"]]
+        result["off_path"] = offpath_benchmark(
+            [row for row in OFFPATH_ROWS if row in offpath],
+            device=device,
+            temperature=temperature,
+            alpha=alpha,
+            beta=beta,
+            rounds=offpath_rounds,
+            seed=seed,
+            clock=clock,
+            progress=progress,
+        )
+    checks = [c for entry in result["kernel"] + result["off_path"] for c in entry["targets"]]
     result["targets_judged_on"] = targets.judged_on(device, dtype, threads)
     result["passed"] = bool(checks) and all(c["passed"] for c in checks)
     return result
