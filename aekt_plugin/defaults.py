@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
-__all__ = ["DEFAULTS", "Defaults"]
+__all__ = ["DEFAULTS", "ONE_PROCESS_TRAINING_OPTIONS", "Defaults"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,16 @@ class Defaults:
 
 DEFAULTS = Defaults()
 """The package defaults (:class:`Defaults`)."""
+
+ONE_PROCESS_TRAINING_OPTIONS = MappingProxyType(
+    {
+        "reduction": "mean",
+        "ignore_index": None,
+        "validate_args": False,
+        "global_batch": False,
+        "process_group": None,
+    }
+)
+"""The options that are no choice of a one-process training loop over classification batches, as the
+demo's and mdistiller's: the mean over the batch, no target ever ignored, no value checks in the hot loop
+(no host synchronisation) and no global batch across ranks."""

@@ -584,7 +584,7 @@ def test_a_missed_target_is_named_with_where_and_by_how_much() -> None:
     assert report.failures(result) == [targets.describe(check, "(64, 100)")]
 
 
-def test_offpath_targets_have_the_limits_of_the_issue() -> None:
+def test_offpath_targets_are_judged_at_their_limits() -> None:
     figures = {
         "kd_plain:compiled": {},
         "aekt_fused:compiled": {"ratio_kd_plain:compiled": 1.25, "ratio_aekt_fused": 1.0},

@@ -45,7 +45,7 @@ OFFPATH_SHAPES: dict[str, tuple[int, ...]] = {
     "dense": (8, 19, 256, 512),
     "memory": (8192, 16384),
 }
-"""The shape of each row's logits (the issue's figures; :func:`offpath_benchmark` takes others)."""
+"""The shape of each row's logits (the shapes the targets are defined at; :func:`offpath_benchmark` takes others)."""
 
 _MEMORY_DTYPES = (torch.float32, torch.bfloat16)
 _COMPILED = ":compiled"
@@ -148,6 +148,7 @@ def offpath_benchmark(
     ``compile_backend`` (its targets are defined for inductor)."""
     shapes = {**OFFPATH_SHAPES, **(shapes or {})}
     losses = _losses(temperature, alpha, beta)
+    timing = {"device": device, "rounds": rounds, "seed": seed, "clock": clock, "progress": progress}
     entries = []
     for row in rows:
         shape = shapes[row]
@@ -163,11 +164,7 @@ def offpath_benchmark(
             methods = _timed(
                 steps,
                 bases,
-                device=device,
-                rounds=rounds,
-                seed=seed,
-                clock=clock,
-                progress=progress,
+                **timing,
                 desc=f"compiled {'x'.join(map(str, shape))}",
             )
             agreement = {
@@ -182,11 +179,7 @@ def offpath_benchmark(
             methods = _timed(
                 steps,
                 ("kd_plain",),
-                device=device,
-                rounds=rounds,
-                seed=seed,
-                clock=clock,
-                progress=progress,
+                **timing,
                 desc=f"dense {'x'.join(map(str, shape))}",
             )
             for name, fn in losses.items():

@@ -124,14 +124,7 @@ def _shape_section(entry: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     if entry["targets"]:
         lines += _targets_table(entry["targets"], "fused AEKT target")
-    if entry["agreement"]:
-        agree = ", ".join(
-            f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
-            for pair, d in entry["agreement"].items()
-        )
-        lines += ["", f"Agreement (max abs diff): {agree}."]
-    lines.append("")
-    return lines
+    return lines + _agreement_lines(entry["agreement"])
 
 
 _OFFPATH_TITLES = {
@@ -165,14 +158,7 @@ def _offpath_section(entry: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     if entry["targets"]:
         lines += _targets_table(entry["targets"], "target")
-    if entry["agreement"]:
-        agree = ", ".join(
-            f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
-            for pair, d in entry["agreement"].items()
-        )
-        lines += ["", f"Agreement (max abs diff): {agree}."]
-    lines.append("")
-    return lines
+    return lines + _agreement_lines(entry["agreement"])
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -184,3 +170,13 @@ def to_markdown(result: dict[str, Any]) -> str:
     for entry in result.get("off_path", []):
         lines += _offpath_section(entry)
     return "\n".join(lines)
+
+
+def _agreement_lines(agreement: dict[str, dict[str, float]]) -> list[str]:
+    """The entry's closing lines: how far each fused loss lies from its baseline."""
+    if not agreement:
+        return [""]
+    agree = ", ".join(
+        f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}" for pair, d in agreement.items()
+    )
+    return ["", f"Agreement (max abs diff): {agree}.", ""]

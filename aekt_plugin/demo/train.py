@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..defaults import DEFAULTS
+from ..defaults import DEFAULTS, ONE_PROCESS_TRAINING_OPTIONS
 from ..loss import AEKTLoss, DKDLoss, KDLoss
 from ..warmup import KDWarmup
 from .data import Splits
@@ -60,13 +60,7 @@ LOSSES = ("ce", "kd", "dkd", "aekt")
 _LOSS_MODULES: dict[str, Callable[..., nn.Module]] = {"kd": KDLoss, "dkd": DKDLoss, "aekt": AEKTLoss}
 # Options every run uses alike: a training step is the hot loop, the tables' samples are never ignored, and
 # a run is one process.
-_FIXED_OPTIONS = {
-    "reduction": "mean",
-    "ignore_index": None,
-    "validate_args": False,
-    "global_batch": False,
-    "process_group": None,
-}
+_FIXED_OPTIONS = ONE_PROCESS_TRAINING_OPTIONS
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validation
-from ..defaults import DEFAULTS
+from ..defaults import DEFAULTS, ONE_PROCESS_TRAINING_OPTIONS
 from ..loss import AEKTLoss, DKDLoss
 from ..serial import SerialLayer, find_classifier
 from ..warmup import KDWarmup
@@ -37,13 +37,7 @@ _CLASS_NAMES = {"AEKT": "AEKT", "DKD_FUSED": "DKDFused"}
 # Options that are no choice of an mdistiller run: classification targets are never ignored, the mean is
 # the reduction its trainers expect, a training step is the hot loop (no value checks, no host sync), and
 # its tools/train.py runs one process (nn.DataParallel), so there is no global batch across ranks.
-_FIXED_OPTIONS = {
-    "reduction": "mean",
-    "ignore_index": None,
-    "validate_args": False,
-    "global_batch": False,
-    "process_group": None,
-}
+_FIXED_OPTIONS = ONE_PROCESS_TRAINING_OPTIONS
 
 
 def _yaml_key(option: str) -> str:

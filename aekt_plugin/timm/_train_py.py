@@ -204,16 +204,10 @@ class _LaunchedTask:
             state[_RNG_KEY] = _rng_state()
         return state
 
-    def load_task_state(
-        self,
-        state: dict[str, Any] | None,
-        strict: bool = True,
-        module: nn.Module | None = None,
-        ema: bool = False,
-    ) -> None:
+    def load_task_state(self, state: dict[str, Any] | None, *args: Any, ema: bool = False, **kwargs: Any) -> None:
         state = dict(state or {})
         rng = state.pop(_RNG_KEY, None)
-        super().load_task_state(state or None, strict=strict, module=module, ema=ema)
+        super().load_task_state(state or None, *args, ema=ema, **kwargs)
         if rng is not None and not ema and _world_size() == 1:
             _set_rng_state(rng)
 
