@@ -241,9 +241,9 @@ def check_fold(model: nn.Module, paths: list[str], example_input: Tensor) -> Non
     difference = float((output - expected).abs().max())
     if difference > 1e-4 * scale + 1e-6:
         raise ValueError(
-            f"{type(model).__name__}'s output is not its classifier's ({', '.join(paths)}): they differ by up to "
-            f"{difference:.3g} on a test input (its forward_head adds other terms), so S folded into the "
-            "classifier would change the model's output; use order='cls_kd' (S is dropped at inference)"
+            f"{type(model).__name__}'s output is not its classifier's ({', '.join(paths)}): they differ by "
+            f"up to {difference:.3g} on a test input (its forward_head adds other terms), so S folded into "
+            "the classifier would change the model's output; use order='cls_kd' (S is dropped at inference)"
         )
 
 

@@ -45,7 +45,7 @@ OFFPATH_SHAPES: dict[str, tuple[int, ...]] = {
     "dense": (8, 19, 256, 512),
     "memory": (8192, 16384),
 }
-"""The shape of each row's logits (the shapes the targets are defined at; :func:`offpath_benchmark` takes others)."""
+"""The shape of each row's logits, where the targets are defined (:func:`offpath_benchmark` takes others)."""
 
 _MEMORY_DTYPES = (torch.float32, torch.bfloat16)
 _COMPILED = ":compiled"

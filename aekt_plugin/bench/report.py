@@ -177,6 +177,7 @@ def _agreement_lines(agreement: dict[str, dict[str, float]]) -> list[str]:
     if not agreement:
         return [""]
     agree = ", ".join(
-        f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}" for pair, d in agreement.items()
+        f"{pair}: loss {d['loss_abs_diff']:.1e}, grad {d['grad_max_abs_diff']:.1e}"
+        for pair, d in agreement.items()
     )
     return ["", f"Agreement (max abs diff): {agree}.", ""]

@@ -7,7 +7,6 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
-import os
 import runpy
 import sys
 import urllib.error
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._checkout import locate_checkout
 from ..loss import AEKTLoss, DKDLoss
 from . import CFG_NODE, MdistillerImportError, config_file, list_configs, read_config, register
 from .distillers import _parse_order, loss_from_node
@@ -81,26 +81,20 @@ def _describe_config(name: str) -> str:
     return f"{pair}, {settings}"
 
 
-def _checkout_above(directory: Path) -> Path | None:
-    """The mdistiller checkout that contains ``directory`` (or is it), if any."""
-    for candidate in (directory, *directory.parents):
-        if (candidate / "mdistiller" / "__init__.py").is_file() and (
-            candidate / "tools" / "train.py"
-        ).is_file():
-            return candidate
-    return None
+def _is_checkout(candidate: Path) -> bool:
+    return (candidate / "mdistiller" / "__init__.py").is_file() and (
+        candidate / "tools" / "train.py"
+    ).is_file()
 
 
 def _find_root(option: str | None) -> Path:
     """The mdistiller checkout: ``--mdistiller-root``, else ``$MDISTILLER_ROOT``, else the checkout the
     current directory is in, else the one the importable ``mdistiller`` package lives in."""
-    here = _checkout_above(Path.cwd().resolve())
-    if option:
-        root, source = Path(option).expanduser(), "--mdistiller-root"
-    elif os.environ.get("MDISTILLER_ROOT"):
-        root, source = Path(os.environ["MDISTILLER_ROOT"]).expanduser(), "$MDISTILLER_ROOT"
-    elif here is not None:
-        root, source = here, "the current directory"
+    located = locate_checkout(
+        option, flag="--mdistiller-root", env_var="MDISTILLER_ROOT", is_checkout=_is_checkout
+    )
+    if located is not None:
+        root, source = located
     else:
         spec = importlib.util.find_spec("mdistiller")
         # A directory named mdistiller without __init__.py (e.g. the checkout itself, seen from its

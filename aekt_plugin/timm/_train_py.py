@@ -28,7 +28,6 @@ import importlib.util
 import inspect
 import logging
 import math
-import os
 import random
 import sys
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checkout import locate_checkout
 from ..loss import AEKTLoss, DKDLoss
 from .student import AEKTStudent
 from .task import AEKTDistillationTask, DKDDistillationTask
@@ -75,22 +75,15 @@ def _is_checkout(directory: Path) -> bool:
 def find_checkout(option: str | None) -> Path:
     """The directory of timm's ``train.py``: ``--timm-root``, else ``$TIMM_ROOT``, else the
     pytorch-image-models checkout the current directory is in."""
-    if option:
-        root, source = Path(option).expanduser(), "--timm-root"
-    elif os.environ.get("TIMM_ROOT"):
-        root, source = Path(os.environ["TIMM_ROOT"]).expanduser(), "$TIMM_ROOT"
-    else:
-        here = Path.cwd().resolve()
-        found = next((d for d in (here, *here.parents) if _is_checkout(d)), None)
-        if found is None:
-            raise UsageError(
-                "cannot find timm's train.py: the current directory is not inside a pytorch-image-models "
-                "checkout and neither --timm-root nor $TIMM_ROOT is set. Fix: git clone "
-                "https://github.com/huggingface/pytorch-image-models and run aekt-timm inside it, or pass "
-                "--timm-root DIR (or set TIMM_ROOT=DIR)"
-            )
-        root, source = found, "the current directory"
-    root = root.resolve()
+    located = locate_checkout(option, flag="--timm-root", env_var="TIMM_ROOT", is_checkout=_is_checkout)
+    if located is None:
+        raise UsageError(
+            "cannot find timm's train.py: the current directory is not inside a pytorch-image-models "
+            "checkout and neither --timm-root nor $TIMM_ROOT is set. Fix: git clone "
+            "https://github.com/huggingface/pytorch-image-models and run aekt-timm inside it, or pass "
+            "--timm-root DIR (or set TIMM_ROOT=DIR)"
+        )
+    root, source = located
     if not (root / "train.py").is_file():
         raise UsageError(
             f"{root} (from {source}) has no train.py: point it at the pytorch-image-models git checkout "
@@ -204,7 +197,9 @@ class _LaunchedTask:
             state[_RNG_KEY] = _rng_state()
         return state
 
-    def load_task_state(self, state: dict[str, Any] | None, *args: Any, ema: bool = False, **kwargs: Any) -> None:
+    def load_task_state(
+        self, state: dict[str, Any] | None, *args: Any, ema: bool = False, **kwargs: Any
+    ) -> None:
         state = dict(state or {})
         rng = state.pop(_RNG_KEY, None)
         super().load_task_state(state or None, *args, ema=ema, **kwargs)

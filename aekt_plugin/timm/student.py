@@ -57,7 +57,8 @@ def _example_input(model: nn.Module, in_chans: int) -> Tensor:
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     parameter = next(model.parameters(), None)
     like = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
-    return torch.randn(1, in_chans, int(height), int(width), generator=torch.Generator().manual_seed(0)).to(**like)
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, in_chans, int(height), int(width), generator=generator).to(**like)
 
 
 def _check_timm_classifier(model: object) -> nn.Module:
