@@ -280,6 +280,28 @@ def test_aten_calls_leave_out_a_first_call_that_fills_a_cache() -> None:
     assert bench.count_aten_calls(step) == 2
 
 
+@pytest.mark.parametrize("method", ["dkd_mdistiller", "aekt_fused", "aekt_fused+standardize"])
+def test_a_replay_of_the_aten_calls_computes_what_the_step_computed(method: str) -> None:
+    """The dispatch floor's replay runs the recorded operators again on the same inputs: the gradient it
+    ends with equals the real step's, bit for bit, replay after replay (in-place chains, ``out=`` buffers
+    and tensor lists resolved to the replay's own results), and the inputs are left as they were."""
+    z, v, y = make_inputs(8, 5, device=torch.device("cpu"), dtype=torch.float32, seed=1)
+    case = make_cases((method,), z, v, y, temperature=4.0, alpha=1.0, beta=8.0)[method]
+    (expected,) = torch.autograd.grad(case.loss(), case.grad_inputs())
+    inputs = [x.detach().clone() for x in (z, v, y)]
+    replay = bench.calls.record_aten_calls(case.step)
+    literals = 0 if method == "dkd_mdistiller" else 2 * 6  # torch.tensor constants: lift_fresh, detach_
+    assert len(replay) == bench.count_aten_calls(case.step) - literals
+    first, second = replay(), replay()
+    (first,), (second,) = (x if isinstance(x, (tuple, list)) else (x,) for x in (first, second))
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (z, v, y)))
+    doubled = bench.calls.record_aten_calls(lambda: torch.autograd.grad(case.loss() * 2, case.grad_inputs()))
+    assert torch.equal(doubled()[0] if isinstance(doubled(), (tuple, list)) else doubled(), 2 * expected)
+    row = z.detach()[:1]  # a sequence of one result (unbind of one row) stays a sequence
+    assert torch.equal(bench.calls.record_aten_calls(lambda: row.unbind(0)[0].exp())(), row[0].exp())
+
+
 @pytest.mark.parametrize("loss", [aekt_plugin.kd_loss, aekt_plugin.dkd_loss, aekt_plugin.aekt_loss])
 def test_the_default_path_of_a_fused_loss_pays_for_no_option(loss) -> None:
     """Leaving the options at their defaults dispatches exactly the ATen calls of turning them off:
@@ -483,12 +505,16 @@ def test_strict_mode_turns_a_missed_target_into_exit_status_1(monkeypatch: pytes
 # --------------------------------------------------------------------------------------------------------
 
 
-def _load_kernel_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_kernel", path)
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_kernel_script():
+    return _load_script("kernel")
 
 
 @pytest.mark.slow  # a few seconds of training steps
@@ -509,6 +535,24 @@ def test_kernel_script_adds_the_end_to_end_step_and_the_revision(tmp_path: Path)
     assert 0 < aekt["loss_share_percent"] < 100
     assert "loss_only_median_s" not in e2e["methods"]["ce_only"]
     assert "End-to-end training step" in (tmp_path / "r.md").read_text()
+
+
+def test_dispatch_floor_times_every_loss_beside_the_replay_of_its_own_calls(tmp_path: Path) -> None:
+    floor = _load_script("dispatch_floor")
+    out = tmp_path / "floor.md"
+    floor.main(["--shape=8x10", "--rounds=2", f"--markdown={out}"])
+    rows = floor.dispatch_floor(8, 10, rounds=2)
+    names = [*floor.METHODS, "function_round_trip"]
+    assert set(rows) == {*names, *(name + floor.FLOOR for name in names)}
+    for name in names:
+        real, replayed = rows[name], rows[name + floor.FLOOR]
+        assert real["calls"] == replayed["calls"] > 0 and real["median_s"] > 0 and replayed["median_s"] > 0
+    assert rows["function_round_trip"]["calls"] == 3  # clone; the incoming ones; the multiplication
+    inputs = make_inputs(8, 10, device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    kd = make_cases(("kd_plain",), *inputs, temperature=4.0, alpha=1.0, beta=8.0)["kd_plain"]
+    assert rows["kd_plain"]["calls"] == bench.count_aten_calls(kd.step)
+    table = out.read_text()
+    assert all(f"| `{name}{suffix}` |" in table for name in names for suffix in ("", floor.FLOOR))
 
 
 def test_kernel_script_rejects_a_bad_e2e_option_by_name(capsys: pytest.CaptureFixture[str]) -> None:
