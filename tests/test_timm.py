@@ -748,7 +748,9 @@ def test_a_compiled_task_does_not_recompile_as_the_warmup_advances():
     # Two one-time switches (the first update_ema, the first teacher check) may compile once each; after
     # them the steps reuse the compiled code while the warm-up factor keeps rising.
     assert frames[2] == frames[-1] == counter.frame_count
-    assert factors == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-6)
+    # The compiled step runs the row-statistics formulation, the eager check the single-block kernel: in
+    # float32 their losses agree to rounding, a few parts in a million (4e-6 on an AVX2 CPU).
+    assert factors == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], rel=2e-5, abs=1e-6)
 
 
 def test_kd_cls_refuses_a_head_whose_output_is_not_its_classifiers():
