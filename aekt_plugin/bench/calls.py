@@ -64,12 +64,13 @@ class AtenReplay:
 
     def __init__(self, calls: list[_Call]) -> None:
         self._calls = calls
+        self._results = sum(len(call.slots) for call in calls)
 
     def __len__(self) -> int:
         return len(self._calls)
 
     def __call__(self) -> Any:
-        produced: list[Any] = [None] * sum(len(call.slots) for call in self._calls)
+        produced: list[Any] = [None] * self._results
         result = None
         with torch.inference_mode():
             for call in self._calls:
@@ -143,16 +144,20 @@ class _CallRecorder(TorchDispatchMode):
         stored_args, stored_kwargs = list(args), dict(kwargs)
         substitutions, list_substitutions, keyword_substitutions = [], [], []
         for position, value in enumerate(args):
-            if self._slot(value) >= 0:
-                substitutions.append((position, self._slot(value)))
+            slot = self._slot(value)
+            if slot >= 0:
+                substitutions.append((position, slot))
                 stored_args[position] = None
-            elif isinstance(value, (list, tuple)) and any(self._slot(item) >= 0 for item in value):
-                items = [(self._slot(item), None if self._slot(item) >= 0 else item) for item in value]
-                list_substitutions.append((position, items))
-                stored_args[position] = None
+            elif isinstance(value, (list, tuple)):
+                item_slots = [self._slot(item) for item in value]
+                items = [(slot, None if slot >= 0 else item) for slot, item in zip(item_slots, value)]
+                if any(slot >= 0 for slot in item_slots):
+                    list_substitutions.append((position, items))
+                    stored_args[position] = None
         for name, value in kwargs.items():
-            if self._slot(value) >= 0:
-                keyword_substitutions.append((name, self._slot(value)))
+            slot = self._slot(value)
+            if slot >= 0:
+                keyword_substitutions.append((name, slot))
                 stored_kwargs[name] = None
         result = func(*args, **kwargs)
         returns_sequence = isinstance(result, (tuple, list))
